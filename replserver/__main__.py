@@ -1,0 +1,44 @@
+"""`python -m replserver`: run the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .settings import ENV_VARS, Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m replserver", description=__doc__)
+    parser.add_argument(
+        "--host", help=f"address to bind (env {ENV_VARS['host']}, default 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, help=f"port (env {ENV_VARS['port']}, default 8000)")
+    parser.add_argument("--log-level", help=f"env {ENV_VARS['log_level']}, default info")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(host=args.host, port=args.port, log_level=args.log_level)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"replserver: {exc}\n")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_s + 1,
+        print=lambda msg: logging.getLogger("replserver").info(
+            "replserver %s listening on http://%s:%s", __version__, settings.host, settings.port
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The application factory: settings, sessions, routes, CORS and shutdown wired together."""
+
+from __future__ import annotations
+
+import aiohttp_cors
+from aiohttp import web
+
+from . import routes
+from .manager import SessionManager
+from .settings import Settings
+
+
+def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False, expose_headers="*", allow_headers="*", allow_methods="*"
+    )
+    origins = ("*",) if settings.development else settings.cors_origins
+    return {origin: options for origin in origins}
+
+
+async def _close_sessions(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for open requests: ending the children first
+    # lets streams of never-ending code finish instead of holding shutdown up.
+    await app[routes.MANAGER].close_all()
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """A ready-to-run application; `settings` defaults to the environment's."""
+    settings = settings or Settings.from_env()
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[routes.json_errors])
+    app[routes.SETTINGS] = settings
+    app[routes.MANAGER] = SessionManager(settings)
+    app.on_shutdown.append(_close_sessions)
+    app.on_cleanup.append(_close_sessions)
+    cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))
+    for route in routes.add_routes(app):
+        cors.add(route)
+    return app

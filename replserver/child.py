@@ -1,0 +1,241 @@
+"""One runner_child.py process: spawn it, send it code, route its frames, end it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from typing import Any, Literal
+
+from . import protocol
+from .errors import ChildStartError, ProtocolError
+from .execution import Execution, Failure
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+EndOutcome = Literal["exited", "terminated", "killed", "already-gone"]
+
+_SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """A small explicit environment: nothing of the server's own variables reaches user code."""
+    bin_dir = os.path.dirname(settings.python)
+    return {
+        "PATH": f"{bin_dir}:{_SAFE_PATH}",
+        "HOME": os.environ.get("TMPDIR", "/tmp"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "REPL_MAX_FRAME_BYTES": str(settings.max_frame_bytes),
+    }
+
+
+def describe_exit(returncode: int | None) -> str:
+    """A readable account of how a process ended, for error messages."""
+    if returncode is None:
+        return "ended for an unknown reason"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class ChildProcess:
+    """A live runner_child.py: one execution at a time, frames in and out over its pipes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._stdout: asyncio.ReadTransport | None = None
+        self._ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._gone: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._parser = protocol.FrameParser(settings.max_frame_bytes)
+        self.current: Execution | None = None
+        self.pid = 0
+        self.error: str | None = None  # why the child is unusable, once it is
+
+    def __repr__(self) -> str:
+        state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
+        return f"<ChildProcess pid={self.pid} {state}>"
+
+    @property
+    def alive(self) -> bool:
+        return not self._gone.done() and self.error is None
+
+    @classmethod
+    async def spawn(cls, settings: Settings) -> ChildProcess:
+        """Start a child and wait until it reports ready."""
+        loop = asyncio.get_running_loop()
+        child = cls(settings)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _ChildProtocol(child),
+                settings.python,
+                "-I",
+                settings.runner_path,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,  # start-up failures land in the server's log
+                env=child_environment(settings),
+                start_new_session=True,  # own process group: killpg reaches grandchildren
+            )
+        except OSError as exc:
+            raise ChildStartError(f"could not start the Python process: {exc}") from exc
+        child._attach(transport)
+        try:
+            async with asyncio.timeout(settings.spawn_timeout_s):
+                waiters: list[asyncio.Future[Any]] = [child._ready, child._gone]
+                await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            await child.end()
+            raise ChildStartError(
+                f"the Python process did not start within {settings.spawn_timeout_s} s"
+            ) from None
+        except BaseException:
+            await asyncio.shield(child.end())
+            raise
+        if not child._ready.done():
+            code = child._gone.result()
+            raise ChildStartError(f"the Python process {describe_exit(code)} while starting")
+        return child
+
+    def _attach(self, transport: asyncio.SubprocessTransport) -> None:
+        self._transport = transport
+        self.pid = transport.get_pid()
+        stdin = transport.get_pipe_transport(0)
+        stdout = transport.get_pipe_transport(1)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        assert isinstance(stdout, asyncio.ReadTransport)
+        self._stdin, self._stdout = stdin, stdout
+
+    # --- work -----------------------------------------------------------------------------
+    def start(self, code: str, execution: Execution) -> None:
+        """Send `code`; frames from now on belong to `execution` until its completion."""
+        if not self.alive or self._stdin is None:
+            raise ProtocolError("the session's Python process is not running")
+        assert self.current is None, "one execution at a time"
+        self.current = execution
+        self._stdin.write(protocol.encode_exec(code))
+
+    def pause_reading(self) -> None:
+        if self._stdout is not None and not self._stdout.is_closing():
+            self._stdout.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._stdout is not None and not self._stdout.is_closing():
+            self._stdout.resume_reading()
+
+    # --- frames from the child (called by _ChildProtocol) -----------------------------------
+    def _on_data(self, data: bytes) -> None:
+        try:
+            frames = self._parser.feed(data)
+        except protocol.FrameTooLarge as exc:
+            self._broken(f"protocol error: {exc}")
+            return
+        for kind, payload in frames:
+            current = self.current
+            if kind == protocol.T_STDOUT or kind == protocol.T_STDERR:
+                if current is not None:
+                    current.push(kind, payload)
+                # Output with no execution in flight (a background thread, a subprocess
+                # outliving its cell) is dropped: see the README's "Stray output".
+            elif kind == protocol.T_DONE:
+                self.current = None
+                if current is not None:
+                    current.finish(protocol.Done.decode(payload))
+            elif kind == protocol.T_READY:
+                if not self._ready.done():
+                    self._ready.set_result(int(payload or b"0"))
+            elif kind == protocol.T_FATAL:
+                text = payload.decode(errors="replace")
+                self._broken(f"the session's Python process reported: {text}")
+            else:
+                self._broken(f"protocol error: unknown frame type {kind:#x}")
+
+    def _broken(self, message: str) -> None:
+        """The stream can no longer be trusted: fail the execution and kill the process."""
+        log.error("child %s: %s", self.pid, message)
+        self.error = message
+        self._fail_current(message)
+        self._signal_group(signal.SIGKILL)
+
+    def _fail_current(self, message: str) -> None:
+        current, self.current = self.current, None
+        if current is not None:
+            current.finish(Failure(message))
+
+    def _on_gone(self) -> None:
+        returncode = self._transport.get_returncode() if self._transport else None
+        if self.error is None:
+            self.error = f"the session's Python process {describe_exit(returncode)}"
+        self._fail_current(self.error)
+        if not self._gone.done():
+            self._gone.set_result(returncode)
+
+    # --- ending -----------------------------------------------------------------------------
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        """Signal the child's process group; False if it no longer exists."""
+        if not self.pid:
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a dropped-privilege group we can no longer signal as a whole
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return False
+        return True
+
+    def interrupt(self) -> bool:
+        """SIGINT the child (KeyboardInterrupt in user code); False if it is gone."""
+        return self.alive and self._signal_group(signal.SIGINT)
+
+    async def end(self, grace_s: float | None = None) -> EndOutcome:
+        """The termination ladder: close stdin, wait; SIGTERM the group, wait; SIGKILL."""
+        grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
+        if self._gone.done():
+            self._signal_group(signal.SIGKILL)  # grandchildren may outlive the child itself
+            return "already-gone"
+        outcome: EndOutcome = "exited"
+        if self._stdin is not None:
+            self._stdin.close()  # EOF: the child exits by itself when idle
+        for sig, next_outcome in ((signal.SIGTERM, "terminated"), (signal.SIGKILL, "killed")):
+            try:
+                async with asyncio.timeout(grace / 2):
+                    await asyncio.shield(self._gone)
+                break
+            except TimeoutError:
+                outcome = next_outcome  # type: ignore[assignment]
+                self._signal_group(sig)
+        else:
+            await asyncio.shield(self._gone)
+        self._signal_group(signal.SIGKILL)
+        if self._transport is not None:
+            self._transport.close()
+        return outcome
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    """Forwards pipe events to the ChildProcess that owns them."""
+
+    def __init__(self, child: ChildProcess) -> None:
+        self._child = child
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._child._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Called once the process has exited *and* every pipe is closed, so no frame
+        # sent before the exit can still be in flight.
+        self._child._on_gone()

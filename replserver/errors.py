@@ -1,0 +1,23 @@
+"""Exceptions that carry what went wrong; routes.py alone maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class ReplError(Exception):
+    """Base class of replserver's own errors; `str()` is the client-facing detail."""
+
+
+class BadRequest(ReplError):
+    """The request itself is malformed (400)."""
+
+
+class ChildStartError(ReplError):
+    """A session's Python process could not be started or did not come up (503)."""
+
+
+class ShuttingDown(ReplError):
+    """The server is stopping and takes no new work (503)."""
+
+
+class ProtocolError(ReplError):
+    """The child sent something that is not a valid frame; the child is ended."""

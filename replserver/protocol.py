@@ -1,0 +1,106 @@
+"""Frames exchanged with runner_child.py: a 5-byte header (type, big-endian length), a payload.
+
+Output travels as raw bytes, never re-encoded; only the small completion record has structure.
+runner_child.py carries its own copy of these constants (it must not import this package);
+tests/test_protocol.py checks that the two copies agree.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct(">BI")
+HEADER_SIZE = HEADER.size
+
+T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
+T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
+T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
+T_DONE = 0x44  # 'D' child -> server: execution finished
+T_READY = 0x52  # 'R' child -> server: set up and waiting; payload is its pid
+T_FATAL = 0x21  # '!' child -> server: protocol error text, then the child exits
+
+REASON_OK = 0
+REASON_EXCEPTION = 1
+REASON_EXIT = 2
+REASON_INTERRUPTED = 3
+REASON_NAMES = {
+    REASON_OK: "ok",
+    REASON_EXCEPTION: "exception",
+    REASON_EXIT: "exit",
+    REASON_INTERRUPTED: "interrupted",
+}
+
+_DONE = struct.Struct(">iIB")
+
+
+class FrameTooLarge(ValueError):
+    """A frame header announced more bytes than the agreed maximum."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit")
+        self.size = size
+        self.limit = limit
+
+
+def encode(kind: int, payload: bytes) -> bytes:
+    """One frame as a single bytes object."""
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_exec(code: str, flags: int = 0) -> bytes:
+    """The request frame for running `code`."""
+    body = code.encode("utf-8", "surrogatepass")
+    return HEADER.pack(T_EXEC, len(body) + 1) + bytes((flags,)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The child's completion record for one execution."""
+
+    return_code: int
+    execution_count: int
+    reason: str
+    note: str
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Done:
+        code, count, reason = _DONE.unpack_from(payload)
+        note = payload[_DONE.size :].decode("utf-8", "replace")
+        return cls(code, count, REASON_NAMES.get(reason, "exception"), note)
+
+
+class FrameParser:
+    """Incremental parser: feed bytes as they arrive, get whole frames back."""
+
+    __slots__ = ("_buf", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Frames completed by `data`, in order; raises FrameTooLarge on a bad header."""
+        buf = self._buf
+        if not buf and len(data) >= HEADER_SIZE:
+            # Fast path: a whole frame in one read is the common case for small executions.
+            kind, size = HEADER.unpack_from(data)
+            if size > self._limit:
+                raise FrameTooLarge(size, self._limit)
+            end = HEADER_SIZE + size
+            if len(data) == end:
+                return [(kind, data[HEADER_SIZE:])]
+        buf += data
+        frames: list[tuple[int, bytes]] = []
+        start = 0
+        while len(buf) - start >= HEADER_SIZE:
+            kind, size = HEADER.unpack_from(buf, start)
+            if size > self._limit:
+                raise FrameTooLarge(size, self._limit)
+            end = start + HEADER_SIZE + size
+            if len(buf) < end:
+                break
+            frames.append((kind, bytes(buf[start + HEADER_SIZE : end])))
+            start = end
+        del buf[:start]
+        return frames

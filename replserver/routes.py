@@ -1,0 +1,124 @@
+"""HTTP handlers: validate, hand the work to a session, reply; errors become statuses here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__, streaming
+from .errors import BadRequest, ChildStartError, ProtocolError, ReplError, ShuttingDown
+from .manager import SessionManager
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MANAGER = web.AppKey("manager", SessionManager)
+SETTINGS = web.AppKey("settings", Settings)
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_STATUS: dict[type[ReplError], int] = {
+    BadRequest: 400,
+    ChildStartError: 503,
+    ShuttingDown: 503,
+    ProtocolError: 502,
+}
+
+
+def error_response(status: int, detail: str) -> web.Response:
+    return web.json_response({"detail": detail}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves as JSON `{"detail": ...}`, the shape the frontend reads."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        resp = error_response(exc.status, detail or exc.reason)
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in exc.headers:
+                resp.headers[name] = exc.headers[name]
+        return resp
+    except ReplError as exc:
+        return error_response(_STATUS.get(type(exc), 500), str(exc))
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+def session_id(request: web.Request) -> str:
+    value = request.match_info["session_id"]
+    if not _SESSION_ID.fullmatch(value):
+        raise BadRequest("invalid session id: use 1-128 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+async def read_code(request: web.Request) -> str:
+    """The `code` field of a JSON object body, checked."""
+    body = await request.read()  # aiohttp answers 413 past client_max_size
+    try:
+        data = json.loads(body)
+    except ValueError:  # includes UnicodeDecodeError
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    code = data.get("code")
+    if code is None:
+        raise BadRequest("field 'code' is required")
+    if not isinstance(code, str):
+        raise BadRequest("field 'code' must be a string")
+    if not code.strip():
+        raise BadRequest("field 'code' is empty")
+    return code
+
+
+async def execute(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    code = await read_code(request)
+    run = await request.app[MANAGER].get(sid).start(code)
+    return web.json_response(await streaming.collect(run))
+
+
+async def execute_stream(request: web.Request) -> web.StreamResponse:
+    sid = session_id(request)
+    code = await read_code(request)
+    run = await request.app[MANAGER].get(sid).start(code)
+    return await streaming.stream(request, run)
+
+
+async def reset(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    await request.app[MANAGER].reset(sid)
+    return web.json_response({"message": "Namespace reset successfully", "sessionId": sid})
+
+
+async def health(request: web.Request) -> web.Response:
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return web.json_response(
+        {
+            "status": "ok",
+            "language": "python",
+            "version": __version__,
+            "stateless": False,
+            "timestamp": now,
+            "sessions": len(request.app[MANAGER]),
+        }
+    )
+
+
+def add_routes(app: web.Application) -> list[web.AbstractRoute]:
+    return [
+        app.router.add_post("/execute/{session_id}", execute),
+        app.router.add_post("/execute-stream/{session_id}", execute_stream),
+        app.router.add_post("/reset/{session_id}", reset),
+        app.router.add_get("/health", health),
+    ]

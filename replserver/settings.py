@@ -1,0 +1,92 @@
+"""Server configuration: one frozen dataclass, read from the environment in one place."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+MiB = 1024 * 1024
+
+
+def default_runner_path() -> str:
+    """Where runner_child.py is installed (found without importing it)."""
+    spec = importlib.util.find_spec("runner_child")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("runner_child.py is not installed next to the replserver package")
+    return spec.origin
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything configurable; each field has an environment variable (see ENV_VARS)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    environment: str = "production"
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 1 * MiB
+    # Frames carry at most one output chunk (256 KiB) or one request (the body limit),
+    # so this only has to catch corruption before it becomes a huge allocation.
+    max_frame_bytes: int = 8 * MiB
+    # Unsent output held per stream before the child's pipe is paused (backpressure).
+    stream_buffer_bytes: int = 1 * MiB
+    python: str = sys.executable
+    runner_path: str = field(default_factory=default_runner_path)
+    spawn_timeout_s: float = 20.0
+    shutdown_grace_s: float = 2.0
+    log_level: str = "info"
+
+    @property
+    def development(self) -> bool:
+        return self.environment == "development"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from environment variables, then explicit overrides (CLI flags, tests)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(name, var, raw, str(types[name]))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, var: str, raw: str, type_name: str) -> object:
+    try:
+        if type_name == "int":
+            value: object = int(raw)
+        elif type_name == "float":
+            value = float(raw)
+        elif type_name.startswith("tuple"):
+            value = tuple(part.strip() for part in raw.split(",") if part.strip())
+        else:
+            value = raw
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a valid {type_name} (for {name})") from None
+    if isinstance(value, (int, float)) and value < 0:
+        raise ValueError(f"{var} must not be negative, got {raw!r}")
+    return value
+
+
+# Field name -> environment variable. The README's configuration table lists the same.
+ENV_VARS: dict[str, str] = {
+    "host": "REPL_HOST",
+    "port": "REPL_PORT",
+    "environment": "ENVIRONMENT",
+    "cors_origins": "CORS_ORIGINS",
+    "max_body_bytes": "REPL_MAX_BODY_BYTES",
+    "max_frame_bytes": "REPL_MAX_FRAME_BYTES",
+    "stream_buffer_bytes": "REPL_STREAM_BUFFER_BYTES",
+    "python": "REPL_PYTHON",
+    "runner_path": "REPL_RUNNER_PATH",
+    "spawn_timeout_s": "REPL_SPAWN_TIMEOUT_S",
+    "shutdown_grace_s": "REPL_SHUTDOWN_GRACE_S",
+    "log_level": "REPL_LOG_LEVEL",
+}

@@ -1,0 +1,273 @@
+"""One replserver session: runs code in a persistent namespace, speaking frames over two pipes.
+
+The server starts this script with its stdin and stdout as the protocol pipes. At start-up
+they are moved to close-on-exec descriptors out of the user's reach; fd 0 becomes /dev/null,
+and fds 1 and 2 become pipes whose other ends are read here and forwarded as frames. That
+captures everything written to fd 1 and 2 -- print, os.write, C code, subprocesses -- and
+keeps it from ever touching the protocol stream.
+
+Stdlib only, and as few imports as possible: every session pays for them at start-up.
+The frame layout is duplicated from replserver/protocol.py on purpose (this file must not
+import the server package into the user's sys.modules); a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+
+# --- framing (mirror of replserver/protocol.py) -------------------------------------------
+HEADER_SIZE = 5  # 1 byte type + 4 bytes big-endian payload length
+T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
+T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
+T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
+T_DONE = 0x44  # 'D' child -> server: execution finished (see _done_payload)
+T_READY = 0x52  # 'R' child -> server: set up, waiting for work; payload: pid as text
+T_FATAL = 0x21  # '!' child -> server: protocol error text; the child exits after it
+
+REASON_OK = 0
+REASON_EXCEPTION = 1
+REASON_EXIT = 2  # SystemExit with a non-zero code
+REASON_INTERRUPTED = 3
+
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+
+def encode_frame(kind: int, payload: bytes) -> bytes:
+    """Header and payload as one bytes object (one write keeps frames whole)."""
+    return bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
+
+
+class Runner:
+    """The session's interpreter state and the loop serving execute requests."""
+
+    def __init__(self, proto_in: int, proto_out: int, max_frame: int) -> None:
+        self.proto_in = proto_in
+        self.proto_out = proto_out
+        self.max_frame = max_frame
+        self.count = 0
+        self.sources: dict[str, str] = {}
+        self.lock = threading.Lock()  # one writer of frames at a time, and drain order
+        self.module = type(sys)("__main__")
+        self.module.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = self.module
+        self.out_r, self.out_w = self._pipe()
+        self.err_r, self.err_w = self._pipe()
+        self._install_std_fds()
+
+    # --- descriptors ------------------------------------------------------------------------
+    @staticmethod
+    def _pipe() -> tuple[int, int]:
+        r, w = os.pipe()  # both close-on-exec; fds 1/2 get inheritable copies via dup2
+        os.set_blocking(r, False)
+        try:  # a larger pipe means fewer stalls of a writing loop between forwarder wake-ups
+            import fcntl
+
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError:
+            pass
+        return r, w
+
+    def _install_std_fds(self) -> None:
+        """Point fds 0/1/2 at /dev/null and the output pipes; rebuild sys.std* on them."""
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(self.out_w, 1)
+        os.dup2(self.err_w, 2)
+        # write_through on unbuffered raw files: each write reaches the fd at once, so
+        # Python-level output and fd-level output (os.system, C code) keep their order.
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stdout = self._text_writer(1)
+        sys.stderr = self._text_writer(2)
+        # sys.__stdout__ and friends are what code restores after redirecting: make them ours.
+        sys.__dict__.update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
+
+    @staticmethod
+    def _text_writer(fd: int) -> io.TextIOWrapper:
+        raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
+        return io.TextIOWrapper(
+            raw, encoding="utf-8", errors="backslashreplace", write_through=True
+        )
+
+    def _restore_std_fds(self) -> None:
+        """Undo what user code did to fds 0/1/2 in the previous execution (closed them, say)."""
+        for fd, target in ((1, self.out_w), (2, self.err_w)):
+            try:
+                same = os.path.sameopenfile(fd, target)
+            except OSError:
+                same = False
+            if not same:
+                os.dup2(target, fd)
+
+    # --- frames out -------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.proto_out, view)
+            view = view[n:]
+
+    def send(self, kind: int, payload: bytes) -> None:
+        with self.lock:
+            self._write(encode_frame(kind, payload))
+
+    def _forward_available(self) -> bool:
+        """Forward what the output pipes hold now; caller holds the lock. False if nothing."""
+        moved = False
+        for fd, kind in ((self.out_r, T_STDOUT), (self.err_r, T_STDERR)):
+            while True:
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                self._write(encode_frame(kind, data))
+                moved = True
+                if len(data) < READ_CHUNK:
+                    break
+        return moved
+
+    def forwarder(self) -> None:
+        """Thread: wait for output and forward it; exit the process when the server is gone."""
+        import select
+
+        poller = select.poll()
+        poller.register(self.out_r, select.POLLIN)
+        poller.register(self.err_r, select.POLLIN)
+        # Event mask 0 still reports POLLHUP: the server's end of our request pipe closed.
+        poller.register(self.proto_in, 0)
+        while True:
+            events = poller.poll()
+            for fd, _ in events:
+                if fd == self.proto_in:
+                    self.server_gone()
+            with self.lock:
+                self._forward_available()
+
+    @staticmethod
+    def server_gone() -> None:
+        """The server died or closed our pipe: take our whole process group with us."""
+        try:
+            os.killpg(0, 9)
+        finally:
+            os._exit(0)
+
+    # --- frames in --------------------------------------------------------------------------
+    def _read_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = os.read(self.proto_in, n - len(buf))
+            if not chunk:
+                self.server_gone()
+            buf += chunk
+        return bytes(buf)
+
+    def serve(self) -> None:
+        self.send(T_READY, str(os.getpid()).encode())
+        while True:
+            header = self._read_exact(HEADER_SIZE)
+            kind, size = header[0], int.from_bytes(header[1:], "big")
+            if size > self.max_frame:
+                message = f"request frame of {size} bytes exceeds {self.max_frame}"
+                self.send(T_FATAL, message.encode())
+                os._exit(2)
+            payload = self._read_exact(size)
+            if kind != T_EXEC or not payload:
+                self.send(T_FATAL, f"unexpected frame type {kind:#x}".encode())
+                os._exit(2)
+            self.execute(payload[1:].decode("utf-8", "surrogatepass"))
+
+    # --- execution --------------------------------------------------------------------------
+    def execute(self, code: str) -> None:
+        self.count += 1
+        self._restore_std_fds()
+        name = f"<cell-{self.count}>"
+        self.sources[name] = code
+        return_code, reason, note = 0, REASON_OK, ""
+        try:
+            compiled = compile(code, name, "exec", dont_inherit=True)
+            exec(compiled, self.module.__dict__)
+        except SystemExit as exc:
+            status = exc.code
+            if status is not None and status != 0:
+                return_code, reason = 1, REASON_EXIT
+                note = f"SystemExit: {status}"
+                self._write_fd2(f"{note}\n".encode("utf-8", "backslashreplace"))
+        except BaseException as exc:  # noqa: BLE001 - everything user code raises is reported
+            return_code = 1
+            reason = REASON_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else REASON_EXCEPTION
+            self.report(exc)
+        self.finish(return_code, reason, note)
+
+    def report(self, exc: BaseException) -> None:
+        """Write the traceback to fd 2 without the runner's own frames."""
+        import linecache
+        import traceback
+
+        for name, source in self.sources.items():
+            if name not in linecache.cache:
+                linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        tb = exc.__traceback__
+        # Drop the frames of this file (execute's exec call) from the top of the traceback.
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        exc = exc.with_traceback(tb)
+        try:
+            if isinstance(exc, SyntaxError) and tb is None:
+                text = "".join(traceback.format_exception_only(type(exc), exc))
+            else:
+                text = "".join(traceback.format_exception(type(exc), exc, tb))
+        except BaseException as fmt_exc:  # noqa: BLE001 - a broken __str__ must not kill us
+            text = f"{type(exc).__name__} (traceback unavailable: {type(fmt_exc).__name__})\n"
+        self._write_fd2(text.encode("utf-8", "backslashreplace"))
+
+    def _write_fd2(self, data: bytes) -> None:
+        try:
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001 - user may have replaced or closed it
+            pass
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.err_w, view)
+            except InterruptedError:
+                continue
+            view = view[n:]
+
+    def finish(self, return_code: int, reason: int, note: str) -> None:
+        """Forward every byte written so far, then the completion frame, in that order."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - user may have replaced or closed it
+                pass
+        payload = (
+            return_code.to_bytes(4, "big", signed=True)
+            + self.count.to_bytes(4, "big")
+            + bytes((reason,))
+            + note.encode("utf-8", "backslashreplace")
+        )
+        with self.lock:
+            self._forward_available()
+            self._write(encode_frame(T_DONE, payload))
+
+
+def main() -> None:
+    # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
+    # subprocesses of user code never inherit them.
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
+    runner = Runner(proto_in, proto_out, max_frame)
+    threading.Thread(target=runner.forwarder, name="replserver-forwarder", daemon=True).start()
+    try:
+        runner.serve()
+    except BrokenPipeError:
+        runner.server_gone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Fixtures: a real replserver application on a real port, with real child processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from replserver.app import create_app
+from replserver.settings import Settings
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+def test_settings(**overrides: Any) -> Settings:
+    """Settings for tests: defaults, not the environment of whoever runs pytest."""
+    values: dict[str, Any] = {"shutdown_grace_s": 1.0}
+    values.update(overrides)
+    return Settings.from_env({}, **values)
+
+
+@pytest.fixture
+async def make_client(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> AsyncIterator[MakeClient]:
+    """Build a client for an app with the given settings overrides."""
+
+    async def make(**overrides: Any) -> Client:
+        return await aiohttp_client(create_app(test_settings(**overrides)))
+
+    yield make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+def parse_sse(body: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a Server-Sent Events body, in order (comments skipped)."""
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
+        if data:
+            events.append(json.loads("\n".join(data)))
+    return events
+
+
+async def execute(client: Client, sid: str, code: str, status: int = 200) -> dict[str, Any]:
+    resp = await client.post(f"/execute/{sid}", json={"code": code})
+    assert resp.status == status, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def stream(client: Client, sid: str, code: str) -> list[dict[str, Any]]:
+    resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+    assert resp.status == 200, await resp.text()
+    assert resp.content_type == "text/event-stream"
+    return parse_sse(await resp.text())

@@ -1,0 +1,82 @@
+"""The install and start commands of the Dockerfile work in a fresh virtual environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+
+import venv
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dockerfile_cmd() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(r"^CMD (\[.*\])$", text, re.MULTILINE)
+    assert match, "Dockerfile has no exec-form CMD"
+    cmd: list[str] = json.loads(match.group(1))
+    assert "RUN pip install . " in text, "the test installs the way the Dockerfile does"
+    return cmd
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.timeout(300)
+async def test_pip_install_and_dockerfile_cmd(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    # Non-editable, as the image does with `pip install .`.
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", str(ROOT)],
+        check=True,
+        timeout=240,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    site = subprocess.run(
+        [python, "-c", "import importlib.util as u; print(u.find_spec('runner_child').origin)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout.strip()
+    assert site.startswith(str(env_dir)), f"runner_child found outside the venv: {site}"
+
+    cmd = dockerfile_cmd()
+    assert cmd[:3] == ["python", "-m", "replserver"]
+    port = free_port()
+    args = [str(python), *cmd[1:]]
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"  # the image binds 0.0.0.0; tests stay on loopback
+    proc = await asyncio.create_subprocess_exec(*args, cwd=tmp_path, start_new_session=True)
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                        assert (await resp.json())["status"] == "ok"
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            url = f"http://127.0.0.1:{port}/execute/pkg"
+            code = "import runner_child, sys\nprint(runner_child.__file__.startswith(sys.prefix))"
+            async with http.post(url, json={"code": code}) as resp:
+                body = await resp.json()
+        assert body["output"] == "True\n", body
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0 or proc.returncode == -15
