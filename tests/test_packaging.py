@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-
 import venv
 from pathlib import Path
 
@@ -34,27 +33,32 @@ def free_port() -> int:
         return port
 
 
-@pytest.mark.timeout(300)
-async def test_pip_install_and_dockerfile_cmd(tmp_path: Path) -> None:
-    env_dir = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the package installed non-editable, as the image's `pip install .`."""
+    env_dir = tmp_path_factory.mktemp("pkg") / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    # Non-editable, as the image does with `pip install .`.
     subprocess.run(
         [python, "-m", "pip", "install", "-q", str(ROOT)],
         check=True,
         timeout=240,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
-    site = subprocess.run(
+    origin = subprocess.run(
         [python, "-c", "import importlib.util as u; print(u.find_spec('runner_child').origin)"],
         check=True,
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=env_dir,
     ).stdout.strip()
-    assert site.startswith(str(env_dir)), f"runner_child found outside the venv: {site}"
+    assert origin.startswith(str(env_dir)), f"runner_child found outside the venv: {origin}"
+    return python
 
+
+@pytest.mark.timeout(300)
+async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: Path) -> None:
+    python = installed_python
     cmd = dockerfile_cmd()
     assert cmd[:3] == ["python", "-m", "replserver"]
     port = free_port()
