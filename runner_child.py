@@ -44,7 +44,7 @@ def encode_frame(kind: int, payload: bytes) -> bytes:
 class Runner:
     """The session's interpreter state and the loop serving execute requests."""
 
-    def __init__(self, proto_in: int, proto_out: int, max_frame: int) -> None:
+    def __init__(self, proto_in: int, proto_out: int, max_frame: int, output_fds: str = "") -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.max_frame = max_frame
@@ -54,14 +54,24 @@ class Runner:
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
         sys.modules["__main__"] = self.module
-        self.out_r, self.out_w = self._pipe()
-        self.err_r, self.err_w = self._pipe()
+        if output_fds:
+            # The server made the output pipes and keeps a copy of their read ends, so
+            # that what is still in them when this process dies (os._exit, a crash) can
+            # be delivered all the same.
+            self.out_r, self.out_w, self.err_r, self.err_w = map(int, output_fds.split(","))
+            for fd in (self.out_r, self.out_w, self.err_r, self.err_w):
+                os.set_inheritable(fd, False)
+            self._tune(self.out_r, self.out_w)
+            self._tune(self.err_r, self.err_w)
+        else:
+            self.out_r, self.out_w = self._tune(*os.pipe())
+            self.err_r, self.err_w = self._tune(*os.pipe())
         self._install_std_fds()
 
     # --- descriptors ------------------------------------------------------------------------
     @staticmethod
-    def _pipe() -> tuple[int, int]:
-        r, w = os.pipe()  # both close-on-exec; fds 1/2 get inheritable copies via dup2
+    def _tune(r: int, w: int) -> tuple[int, int]:
+        # Both ends close-on-exec; fds 1/2 get inheritable copies via dup2.
         os.set_blocking(r, False)
         try:  # a larger pipe means fewer stalls of a writing loop between forwarder wake-ups
             import fcntl
@@ -73,9 +83,8 @@ class Runner:
 
     def _install_std_fds(self) -> None:
         """Point fds 0/1/2 at /dev/null and the output pipes; rebuild sys.std* on them."""
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
+        self.null_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(self.null_r, 0)
         os.dup2(self.out_w, 1)
         os.dup2(self.err_w, 2)
         # write_through on unbuffered raw files: each write reaches the fd at once, so
@@ -94,14 +103,21 @@ class Runner:
         )
 
     def _restore_std_fds(self) -> None:
-        """Undo what user code did to fds 0/1/2 in the previous execution (closed them, say)."""
-        for fd, target in ((1, self.out_w), (2, self.err_w)):
+        """Undo what user code did to fds 0/1/2 and sys.std* (closed them, say): exit()
+        closes sys.stdin, and input() must still fail with EOFError afterwards."""
+        for fd, target in ((0, self.null_r), (1, self.out_w), (2, self.err_w)):
             try:
                 same = os.path.sameopenfile(fd, target)
             except OSError:
                 same = False
             if not same:
                 os.dup2(target, fd)
+        if sys.stdin is None or sys.stdin.closed:
+            sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        if sys.stdout is None or sys.stdout.closed:
+            sys.stdout = self._text_writer(1)
+        if sys.stderr is None or sys.stderr.closed:
+            sys.stderr = self._text_writer(2)
 
     # --- frames out -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -261,7 +277,7 @@ def main() -> None:
     # subprocesses of user code never inherit them.
     proto_in, proto_out = os.dup(0), os.dup(1)
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
-    runner = Runner(proto_in, proto_out, max_frame)
+    runner = Runner(proto_in, proto_out, max_frame, os.environ.pop("REPL_OUTPUT_FDS", ""))
     threading.Thread(target=runner.forwarder, name="replserver-forwarder", daemon=True).start()
     try:
         runner.serve()

@@ -21,10 +21,15 @@ EndOutcome = Literal["exited", "terminated", "killed", "already-gone"]
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def child_environment(settings: Settings) -> dict[str, str]:
-    """A small explicit environment: nothing of the server's own variables reaches user code."""
+def child_environment(settings: Settings, output_fds: tuple[int, ...] = ()) -> dict[str, str]:
+    """A small explicit environment: nothing of the server's own variables reaches user code.
+
+    `output_fds` (read and write ends of the fd 1 and fd 2 pipes) are made by the server;
+    without them the child makes its own pipes.
+    """
     bin_dir = os.path.dirname(settings.python)
     return {
+        "REPL_OUTPUT_FDS": ",".join(map(str, output_fds)),
         "PATH": f"{bin_dir}:{_SAFE_PATH}",
         "HOME": os.environ.get("TMPDIR", "/tmp"),
         "LANG": "C.UTF-8",
@@ -59,6 +64,7 @@ class ChildProcess:
         self._gone: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._parser = protocol.FrameParser(settings.max_frame_bytes)
         self.current: Execution | None = None
+        self._leftover_fds: tuple[int, ...] = ()  # read ends of the child's fd 1/2 pipes
         self.pid = 0
         self.error: str | None = None  # why the child is unusable, once it is
 
@@ -75,6 +81,11 @@ class ChildProcess:
         """Start a child and wait until it reports ready."""
         loop = asyncio.get_running_loop()
         child = cls(settings)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        os.set_blocking(out_r, False)  # the draining after a death must never wait
+        os.set_blocking(err_r, False)
+        fds = (out_r, out_w, err_r, err_w)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _ChildProtocol(child),
@@ -84,11 +95,18 @@ class ChildProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # start-up failures land in the server's log
-                env=child_environment(settings),
+                env=child_environment(settings, fds),
+                pass_fds=fds,
                 start_new_session=True,  # own process group: killpg reaches grandchildren
             )
         except OSError as exc:
+            os.close(out_r)
+            os.close(err_r)
             raise ChildStartError(f"could not start the Python process: {exc}") from exc
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        child._leftover_fds = (out_r, err_r)
         child._attach(transport)
         try:
             async with asyncio.timeout(settings.spawn_timeout_s):
@@ -172,7 +190,28 @@ class ChildProcess:
         if current is not None:
             current.finish(Failure(message))
 
+    def _drain_leftovers(self) -> None:
+        """Deliver what the dead child's forwarder never read from its output pipes."""
+        fds, self._leftover_fds = self._leftover_fds, ()
+        for fd, kind in zip(fds, (protocol.T_STDOUT, protocol.T_STDERR), strict=True):
+            try:
+                # Bounded: a pipe holds at most its capacity (1 MiB), and the child, whose
+                # copy of the write end just closed, can add no more; a grandchild could.
+                for _ in range(64):
+                    data = os.read(fd, 1 << 16)
+                    if not data:
+                        break
+                    if self.current is not None:
+                        self.current.push(kind, data)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+
     def _on_gone(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._drain_leftovers()
         returncode = self._transport.get_returncode() if self._transport else None
         if self.error is None:
             self.error = f"the session's Python process {describe_exit(returncode)}"

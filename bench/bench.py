@@ -1,0 +1,792 @@
+"""Side-by-side benchmark: replserver ("ours") against the old FastAPI backend ("old").
+
+Both servers are started on free 127.0.0.1 ports in the same run, and each scenario runs
+against ours, then against the old one:
+
+  warm        500 sequential POST /execute `x = x + 1` in one session: p50/p99 round trip
+  first       first POST /execute `print(1)` of 50 brand-new sessions, 0.2 s apart: p50/p99
+  lag         /execute-stream printing time.time() 20 times 50 ms apart (x3): arrival lag
+  throughput  ~20 MiB of stdout through /execute and through /execute-stream: MB/s
+  concurrent  16 sessions x 30 sequential executions, sessions in parallel: executions/s
+  memory      RSS and PSS of the server process tree per idle session (50 sessions)
+  scale       1,000 idle sessions at once, then 200 concurrent streams: error counts
+
+Output is verified (wrong output fails the scenario loudly, or counts as an error in
+`scale`). Tables per scenario go to stdout, a markdown summary at the end, everything
+to a JSON file. Both servers are stopped (process groups) on exit, error or Ctrl-C.
+
+    .venv/bin/python bench/bench.py                       # everything, both servers
+    .venv/bin/python bench/bench.py --scenarios warm,lag --runs 3 --out /tmp/r.json
+    .venv/bin/python bench/bench.py --only old            # just the old backend
+    .venv/bin/python bench/bench.py --env REPL_LOG_LEVEL=warning   # extra env for ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_RUN = str(REPO.parent / "shared" / "peers" / "seed_reference" / "run.sh")
+HOST = "127.0.0.1"
+# Raised caps: 1,000 sessions for the scale run, 20 MB of output for the throughput run.
+OURS_ENV = {"REPL_MAX_SESSIONS": "2000", "REPL_MAX_OUTPUT_BYTES": str(64 * 1024 * 1024)}
+NAMES = ("ours", "old")
+
+# scenario -> metric -> (unit, which direction is better)
+METRICS: dict[str, dict[str, tuple[str, str]]] = {
+    "warm": {"p50": ("ms", "lower"), "p99": ("ms", "lower")},
+    "first": {"p50": ("ms", "lower"), "p99": ("ms", "lower")},
+    "lag": {"p50": ("ms", "lower"), "p99": ("ms", "lower"), "max": ("ms", "lower")},
+    "throughput": {"execute": ("MB/s", "higher"), "stream": ("MB/s", "higher")},
+    "concurrent": {"rate": ("exec/s", "higher")},
+    "memory": {"rss_per_session": ("KiB", "lower"), "pss_per_session": ("KiB", "lower")},
+    "scale": {
+        "idle_errors": ("count", "lower"),
+        "idle_wall": ("s", "lower"),
+        "idle_rss_total": ("MiB", "lower"),
+        "idle_pss_total": ("MiB", "lower"),
+        "stream_errors": ("count", "lower"),
+        "stream_wall": ("s", "lower"),
+    },
+}
+# Upper bound on each scenario's wall time per server (a default run takes about 1 min).
+SCENARIO_TIMEOUT_S = {"first": 90.0, "memory": 90.0, "scale": 200.0}
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class BenchError(Exception):
+    """A scenario's output or status was not what the contract promises."""
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, session id, start time) for every visible process."""
+    table: dict[int, tuple[int, int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2 :].split()  # comm may contain spaces and ')'
+        table[int(entry.name)] = (int(rest[1]), int(rest[3]), int(rest[19]))
+    return table
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """The root, its descendants and members of its session: pid -> start time."""
+    table = proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo and len(found) < 100_000:
+        pid = todo.pop()
+        if pid in found or pid not in table:
+            continue
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    found.update(pid for pid, (_, sid, _) in table.items() if sid == root)
+    return {pid: table[pid][2] for pid in found}
+
+
+def _kib_field(path: Path, name: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tree_memory(root: int) -> tuple[float, float, int]:
+    """(RSS MiB, PSS MiB, process count) summed over the server's process tree."""
+    pids = process_tree(root)
+    rss = sum(_kib_field(Path(f"/proc/{p}/status"), "VmRSS:") for p in pids)
+    pss = sum(_kib_field(Path(f"/proc/{p}/smaps_rollup"), "Pss:") for p in pids)
+    return rss / 1024, pss / 1024, len(pids)
+
+
+def mem_available_mib() -> float:
+    return _kib_field(Path("/proc/meminfo"), "MemAvailable:") / 1024
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start on a fresh free port; `{port}` in cmd is replaced by it."""
+        self.port = free_port()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [c.replace("{port}", str(self.port)) for c in self.cmd],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL it after 8 s, then any straggler of its tree."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        tree = process_tree(proc.pid) if proc.poll() is None else {}
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        time.sleep(0.2)
+        now = proc_table()
+        for pid, start in tree.items():  # children that left the group, same pid + start time
+            if pid in now and now[pid][2] == start:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    async def wait_healthy(self, client: aiohttp.ClientSession, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BenchError(f"{self.name} server exited at startup:\n{self.log_tail()}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with client.get(
+                    f"{self.base}/health", timeout=aiohttp.ClientTimeout(total=2)
+                ) as resp:
+                    if resp.status == 200 and (await resp.json()).get("status") == "ok":
+                        return
+            await asyncio.sleep(0.2)
+        raise BenchError(
+            f"{self.name}: no healthy GET /health in {timeout_s:.0f} s\n{self.log_tail()}"
+        )
+
+
+# ---------------------------------------------------------------- HTTP helpers
+
+
+@dataclass
+class Target:
+    name: str
+    server: Server
+    client: aiohttp.ClientSession
+
+    def url(self, route: str, sid: str) -> str:
+        return f"{self.server.base}/{route}/{sid}"
+
+
+def new_sid() -> str:
+    return str(uuid.uuid4())
+
+
+async def execute(t: Target, sid: str, code: str) -> dict[str, Any]:
+    """POST /execute; raises BenchError unless 200 with a JSON object."""
+    async with t.client.post(t.url("execute", sid), json={"code": code}) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            raise BenchError(f"/execute -> {resp.status}: {body[:300]!r}")
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise BenchError(f"/execute returned {type(data).__name__}, not an object")
+    return data
+
+
+async def expect_output(t: Target, sid: str, code: str, expected: str) -> None:
+    data = await execute(t, sid, code)
+    if data.get("output") != expected or data.get("error"):
+        raise BenchError(
+            f"{code!r}: expected output {expected!r}, got {str(data.get('output'))[:200]!r}, "
+            f"error {str(data.get('error'))[:300]!r}"
+        )
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    """Parse `data: <json>` events as bytes arrive; yields (arrival time.time(), event)."""
+    buf = bytearray()
+    scan = 0
+    data: list[bytes] = []
+    async for chunk in resp.content.iter_any():
+        now = time.time()
+        buf += chunk
+        start = 0
+        while (nl := buf.find(b"\n", scan)) >= 0:
+            line = bytes(buf[start:nl]).rstrip(b"\r")
+            start = scan = nl + 1
+            if not line:
+                if data:
+                    yield now, json.loads(b"\n".join(data))
+                    data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+        del buf[:start]
+        scan = len(buf)
+    if data:
+        yield time.time(), json.loads(b"\n".join(data))
+
+
+async def stream(t: Target, sid: str, code: str) -> list[tuple[float, dict[str, Any]]]:
+    async with t.client.post(t.url("execute-stream", sid), json={"code": code}) as resp:
+        if resp.status != 200:
+            raise BenchError(f"/execute-stream -> {resp.status}: {(await resp.read())[:300]!r}")
+        return [ev async for ev in sse_events(resp)]
+
+
+def check_stream(events: list[tuple[float, dict[str, Any]]], expected: str | None) -> str:
+    """Stdout of a stream; BenchError unless it ends with one `complete` (returnCode 0)."""
+    kinds = [ev.get("type") for _, ev in events]
+    if kinds.count("complete") != 1 or kinds[-1] != "complete":
+        raise BenchError(f"stream must end with exactly one complete event, got {kinds[-5:]}")
+    if events[-1][1].get("returnCode") != 0:
+        raise BenchError(
+            f"stream failed: {events[-1][1]} {[e for _, e in events if e.get('type') == 'error']}"
+        )
+    out = "".join(str(ev.get("content", "")) for _, ev in events if ev.get("type") == "output")
+    if expected is not None and out != expected:
+        raise BenchError(
+            f"stream output {out[:120]!r}... ({len(out)} chars) != expected {expected[:120]!r}"
+        )
+    return out
+
+
+async def forget(t: Target, sids: Iterable[str]) -> None:
+    """Best effort: DELETE /sessions/{id} (may not exist: 404/405 and errors ignored)."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(sid: str) -> None:
+        async with sem:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with t.client.delete(
+                    f"{t.server.base}/sessions/{sid}", timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    await resp.read()
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(one(s) for s in sids)), timeout=30)
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+# ---------------------------------------------------------------- scenarios
+
+Metrics = dict[str, float]
+
+
+async def sc_warm(t: Target) -> Metrics:
+    sid = new_sid()
+    await expect_output(t, sid, "x = 0", "")
+    times = []
+    for _ in range(500):
+        t0 = time.perf_counter()
+        data = await execute(t, sid, "x = x + 1")
+        times.append((time.perf_counter() - t0) * 1000)
+        if data.get("error"):
+            raise BenchError(f"x = x + 1 failed: {data.get('error')!r}")
+    await expect_output(t, sid, "print(x)", "500\n")
+    await forget(t, [sid])
+    return {"p50": pct(times, 50), "p99": pct(times, 99)}
+
+
+async def sc_first(t: Target) -> Metrics:
+    sids = [new_sid() for _ in range(50)]
+    times = []
+    for sid in sids:
+        await asyncio.sleep(0.2)  # lets a warm pool refill
+        t0 = time.perf_counter()
+        data = await execute(t, sid, "print(1)")
+        times.append((time.perf_counter() - t0) * 1000)
+        if data.get("output") != "1\n":
+            raise BenchError(f"print(1) in a new session returned {data}")
+    for sid in sids:
+        async with t.client.post(t.url("reset", sid)) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise BenchError(f"/reset -> {resp.status}")
+    await forget(t, sids)
+    return {"p50": pct(times, 50), "p99": pct(times, 99)}
+
+
+LAG_CODE = (
+    "import time\nfor i in range(20):\n    print(repr(time.time()), flush=True)\n"
+    "    time.sleep(0.05)"
+)
+
+
+async def sc_lag(t: Target) -> Metrics:
+    sid = new_sid()
+    lags: list[float] = []
+    for _ in range(3):
+        events = await stream(t, sid, LAG_CODE)
+        check_stream(events, None)
+        pending, lines = "", 0
+        for arrived, ev in events:
+            if ev.get("type") != "output":
+                continue
+            pending += str(ev.get("content", ""))
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                lags.append((arrived - float(line)) * 1000)
+                lines += 1
+        if lines != 20 or pending:
+            raise BenchError(f"expected 20 lines of time stamps, got {lines} (+{pending!r})")
+    await forget(t, [sid])
+    return {"p50": pct(lags, 50), "p99": pct(lags, 99), "max": max(lags)}
+
+
+BIG_CODE = (
+    "import sys\nchunk = 'x' * 1023 + '\\n'\nfor _ in range(20480):\n    sys.stdout.write(chunk)"
+)
+BIG_EXPECTED = ("x" * 1023 + "\n") * 20480
+
+
+async def sc_throughput(t: Target) -> Metrics:
+    sid = new_sid()
+    await expect_output(t, sid, "x = 1", "")  # session start-up is not part of this
+    t0 = time.perf_counter()
+    data = await execute(t, sid, BIG_CODE)
+    exec_s = time.perf_counter() - t0
+    out = data.get("output")
+    if not isinstance(out, str) or len(out) != len(BIG_EXPECTED) or out != BIG_EXPECTED:
+        n = len(out) if isinstance(out, str) else None
+        raise BenchError(
+            f"/execute: {n} chars of output (want {len(BIG_EXPECTED)}), "
+            f"truncated={data.get('truncated')}, error={str(data.get('error'))[:200]!r}"
+        )
+    t0 = time.perf_counter()
+    events = await stream(t, sid, BIG_CODE)
+    stream_s = time.perf_counter() - t0
+    check_stream(events, BIG_EXPECTED)
+    await forget(t, [sid])
+    size_mb = len(BIG_EXPECTED) / 1e6
+    return {"execute": size_mb / exec_s, "stream": size_mb / stream_s}
+
+
+async def sc_concurrent(t: Target) -> Metrics:
+    sids = [new_sid() for _ in range(16)]
+    await asyncio.gather(*(expect_output(t, s, "x = 1", "") for s in sids))  # untimed warm-up
+
+    async def worker(sid: str) -> None:
+        for _ in range(30):
+            await expect_output(t, sid, "print(sum(range(20000)))", "199990000\n")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(s) for s in sids))
+    wall = time.perf_counter() - t0
+    await forget(t, sids)
+    return {"rate": 16 * 30 / wall}
+
+
+async def settle(root: int, max_s: float = 5.0) -> tuple[float, float, int]:
+    """Memory once the process count stopped changing (a pool may be refilling)."""
+    last, same = tree_memory(root), 0
+    deadline = time.monotonic() + max_s
+    while same < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        cur = tree_memory(root)
+        same = same + 1 if cur[2] == last[2] else 0
+        last = cur
+    return last
+
+
+async def sc_memory(t: Target) -> Metrics:
+    before = await settle(t.server.pid)
+    sids = [new_sid() for _ in range(50)]
+    for sid in sids:
+        await expect_output(t, sid, "x = 1", "")
+    after = await settle(t.server.pid)
+    await forget(t, sids)
+    print(
+        f"    {t.name}: {before[2]} -> {after[2]} processes, "
+        f"RSS {before[0]:.1f} -> {after[0]:.1f} MiB, PSS {before[1]:.1f} -> {after[1]:.1f} MiB"
+    )
+    return {
+        "rss_per_session": (after[0] - before[0]) * 1024 / 50,
+        "pss_per_session": (after[1] - before[1]) * 1024 / 50,
+    }
+
+
+STREAM5 = "import time\nfor i in range(5):\n    print({tag!r}, i, flush=True)\n    time.sleep(0.02)"
+
+
+async def sc_scale(t: Target) -> Metrics:
+    """Errors are counted, not raised: the old backend is expected to mix streams up."""
+    sids = [new_sid() for _ in range(1000)]
+    sem = asyncio.Semaphore(32)
+    deadline = time.monotonic() + 120
+    idle_errors, first_error = 0, ""
+
+    async def idle(sid: str) -> bool:
+        nonlocal idle_errors, first_error
+        async with sem:
+            try:
+                if time.monotonic() > deadline or mem_available_mib() < 512:
+                    raise BenchError("skipped: deadline passed or MemAvailable < 512 MiB")
+                await expect_output(t, sid, "x = 1", "")
+                return True
+            except Exception as e:  # noqa: BLE001 -- counted: scale never fails the run
+                idle_errors += 1
+                first_error = first_error or f"{type(e).__name__}: {e}"
+                return False
+
+    t0 = time.perf_counter()
+    ok = await asyncio.gather(*(idle(s) for s in sids))
+    idle_wall = time.perf_counter() - t0
+    rss, pss, nproc = tree_memory(t.server.pid)
+    live = [s for s, good in zip(sids, ok, strict=True) if good][:200]
+    live += [new_sid() for _ in range(200 - len(live))]
+
+    async def streamer(sid: str) -> str:
+        tag = f"sid={sid}"
+        try:
+            events = await stream(t, sid, STREAM5.format(tag=tag))
+            check_stream(events, "".join(f"{tag} {i}\n" for i in range(5)))
+            return ""
+        except Exception as e:  # noqa: BLE001 -- counted: scale never fails the run
+            return f"{type(e).__name__}: {e}"
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(streamer(s) for s in live))
+    stream_wall = time.perf_counter() - t0
+    stream_errors = [r for r in results if r]
+    await forget(t, sids)
+    print(
+        f"    {t.name}: {1000 - idle_errors}/1000 idle sessions ok ({nproc} processes), "
+        f"{200 - len(stream_errors)}/200 streams ok"
+    )
+    for what, msg in (("idle", first_error), ("stream", stream_errors[0] if stream_errors else "")):
+        if msg:
+            print(f"    {t.name}: first {what} error: {msg[:300]}")
+    return {
+        "idle_errors": idle_errors,
+        "idle_wall": idle_wall,
+        "idle_rss_total": rss,
+        "idle_pss_total": pss,
+        "stream_errors": len(stream_errors),
+        "stream_wall": stream_wall,
+    }
+
+
+SCENARIOS: dict[str, Callable[[Target], Awaitable[Metrics]]] = {
+    "warm": sc_warm,
+    "first": sc_first,
+    "lag": sc_lag,
+    "throughput": sc_throughput,
+    "concurrent": sc_concurrent,
+    "memory": sc_memory,
+    "scale": sc_scale,
+}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    a = abs(v)
+    return (
+        f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}" if a >= 1 else f"{v:.3f}"
+    )
+
+
+def ratio(ours: float | None, old: float | None) -> str:
+    if ours is None or old is None:
+        return "-"
+    if old == 0:
+        return "1.00x" if ours == 0 else "inf"
+    r = ours / old
+    return ">1000x" if r > 1000 else "<0.001x" if 0 < r < 0.001 else f"{r:.2f}x"
+
+
+Side = dict[str, Any]  # {"metrics": {...}} or {"error": "..."}
+
+
+def rows(scenario: str, sides: dict[str, Side]) -> list[tuple[str, str, str, str, str, str]]:
+    out = []
+    for metric, (unit, better) in METRICS[scenario].items():
+        vals = [sides.get(n, {}).get("metrics", {}).get(metric) for n in NAMES]
+        cells = [
+            "FAIL" if "error" in sides.get(n, {}) else fmt(v)
+            for n, v in zip(NAMES, vals, strict=True)
+        ]
+        out.append(
+            (
+                scenario,
+                f"{metric} ({unit})",
+                cells[0],
+                cells[1],
+                ratio(vals[0], vals[1]),
+                f"{better} is better",
+            )
+        )
+    return out
+
+
+def print_table(scenario: str, sides: dict[str, Side]) -> None:
+    head = ("metric", "ours", "old", "ours/old", "")
+    body = [r[1:] for r in rows(scenario, sides)]
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(5)]
+    print(f"  [{scenario}]")
+    for r in [head, *body]:
+        print("    " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    for name, side in sides.items():
+        if "error" in side:
+            print(f"    !!! {name} FAILED: {side['error']}")
+
+
+def medians(
+    runs: list[dict[str, dict[str, Side]]], scenarios: list[str], names: list[str]
+) -> dict[str, dict[str, Side]]:
+    result: dict[str, dict[str, Side]] = {}
+    for sc in scenarios:
+        result[sc] = {}
+        for name in names:
+            ok = [r[sc][name]["metrics"] for r in runs if "metrics" in r.get(sc, {}).get(name, {})]
+            if ok:
+                result[sc][name] = {
+                    "metrics": {m: statistics.median(x[m] for x in ok) for m in METRICS[sc]},
+                    "runs_ok": len(ok),
+                }
+            else:
+                errors = [r[sc][name].get("error") for r in runs if name in r.get(sc, {})]
+                result[sc][name] = {"error": errors[0] if errors else "not run"}
+    return result
+
+
+def markdown(summary: dict[str, dict[str, Side]], n_runs: int) -> str:
+    lines = [
+        (
+            f"Median of {n_runs} run(s). Ratio = ours/old; time, memory and error counts: "
+            "lower is better; MB/s and exec/s: higher is better."
+        ),
+        "",
+        "| scenario | metric | ours | old | ours/old | better |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for sc, sides in summary.items():
+        lines += ["| " + " | ".join(r) + " |" for r in rows(sc, sides)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+async def one_run(
+    servers: list[Server], client: aiohttp.ClientSession, scenarios: list[str]
+) -> dict[str, dict[str, Side]]:
+    for s in servers:
+        s.start()
+    await asyncio.gather(
+        *(s.wait_healthy(client, 60 if s.name == "ours" else 300) for s in servers)
+    )
+    print("  servers up: " + ", ".join(f"{s.name} pid {s.pid} on :{s.port}" for s in servers))
+    result: dict[str, dict[str, Side]] = {}
+    for sc in scenarios:
+        result[sc] = {}
+        for s in servers:
+            t = Target(s.name, s, client)
+            t0 = time.perf_counter()
+            try:
+                if not s.alive():
+                    raise BenchError(f"server exited earlier:\n{s.log_tail()}")
+                metrics = await asyncio.wait_for(
+                    SCENARIOS[sc](t), SCENARIO_TIMEOUT_S.get(sc, DEFAULT_TIMEOUT_S)
+                )
+                result[sc][s.name] = {"metrics": metrics, "seconds": time.perf_counter() - t0}
+            except Exception as e:  # noqa: BLE001 -- recorded and reported; the others still run
+                msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                result[sc][s.name] = {"error": msg, "seconds": time.perf_counter() - t0}
+        print_table(sc, result[sc])
+    for s in servers:
+        s.stop()
+    return result
+
+
+async def amain(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
+    scenarios: list[str] = args.scenarios
+    runs: list[dict[str, dict[str, Side]]] = []
+    conn = aiohttp.TCPConnector(limit=300, limit_per_host=300, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=150, sock_connect=10, sock_read=60)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as client:
+        for i in range(args.runs):
+            print(f"== run {i + 1}/{args.runs}")
+            runs.append(await one_run(servers, client, scenarios))
+    names = [s.name for s in servers]
+    summary = medians(runs, scenarios, names)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "uname_m": platform.machine(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "python": sys.version,
+        "servers": {s.name: s.cmd for s in servers},
+        "ours_env": {**OURS_ENV, **dict(args.env)},
+        "scenarios": scenarios,
+        "metrics": {
+            sc: {m: {"unit": u, "better": b} for m, (u, b) in METRICS[sc].items()}
+            for sc in scenarios
+        },
+        "runs": runs,
+        "median": summary,
+        "markdown": markdown(summary, len(runs)),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma separated, default: all, in order"
+    )
+    p.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results.json", help="JSON results file"
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat everything N times (servers restarted), report medians",
+    )
+    p.add_argument(
+        "--only", choices=("both", "ours", "old"), default="both", help="which servers to run"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra env for our server (repeatable)",
+    )
+    p.add_argument(
+        "--seed-run", default=SEED_RUN, help="old backend start script, called as SCRIPT PORT"
+    )
+    args = p.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown or not args.scenarios:
+        p.error(f"unknown scenario(s) {unknown}; choose from {','.join(SCENARIOS)}")
+    if not 1 <= args.runs <= 20:
+        p.error("--runs must be between 1 and 20")
+    if any("=" not in e for e in args.env):
+        p.error("--env takes KEY=VALUE")
+    args.env = [tuple(e.split("=", 1)) for e in args.env]
+    return args
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logs = Path(tempfile.mkdtemp(prefix="replbench-"))
+    servers = []
+    if args.only in ("both", "ours"):
+        env = {**os.environ, **OURS_ENV, **dict(args.env)}
+        cmd = [sys.executable, "-m", "replserver", "--host", HOST, "--port", "{port}"]
+        servers.append(Server("ours", cmd, REPO, env, logs / "ours.log"))
+    if args.only in ("both", "old"):
+        servers.append(
+            Server("old", [args.seed_run, "{port}"], REPO, dict(os.environ), logs / "old.log")
+        )
+    print(f"server logs in {logs}")
+    try:
+        report = asyncio.run(amain(args, servers))
+    except KeyboardInterrupt:
+        print("\ninterrupted; servers stopped, no results written", file=sys.stderr)
+        return 130
+    except BenchError as e:
+        print(f"\nbenchmark aborted: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for s in servers:
+            s.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + report["markdown"])
+    print(f"\nresults: {args.out}")
+    failed = [
+        (sc, n)
+        for sc, sides in report["median"].items()
+        for n, side in sides.items()
+        if "error" in side
+    ]
+    if failed:
+        print(f"FAILED scenarios: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

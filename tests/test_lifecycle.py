@@ -1,0 +1,217 @@
+"""Session processes never outlive the server: killed, terminated or shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .conftest import MakeClient, execute
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPAWN_PIDS = (
+    "import os, subprocess\n"
+    "sleeper = subprocess.Popen(['sleep', '60'])\n"
+    "print(os.getpid(), sleeper.pid)"
+)
+
+
+def pid_gone(pid: int) -> bool:
+    """True if no such process runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state in ("Z", "X")
+
+
+async def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
+    """Poll until every pid is gone or `within` seconds pass; the pids still alive."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [pid for pid in pids if not pid_gone(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.05)
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        if not pid_gone(pid):
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, proc: asyncio.subprocess.Process, base: str) -> None:
+        self.proc = proc
+        self.base = base
+        self.http = aiohttp.ClientSession()
+
+    async def execute(self, sid: str, code: str) -> dict[str, Any]:
+        async with self.http.post(f"{self.base}/execute/{sid}", json={"code": code}) as resp:
+            assert resp.status == 200, await resp.text()
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    async def session_pids(self, sid: str) -> tuple[int, int]:
+        body = await self.execute(sid, SPAWN_PIDS)
+        child, grandchild = (int(x) for x in body["output"].split())
+        assert not pid_gone(child) and not pid_gone(grandchild)
+        return child, grandchild
+
+
+@asynccontextmanager
+async def server_process() -> AsyncIterator[Server]:
+    """`python -m replserver` on a free port, in its own process group, ready to serve."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
+    env.pop("ENVIRONMENT", None)
+    env.pop("CORS_ORIGINS", None)
+    env.update(REPL_LOG_LEVEL="warning", REPL_SHUTDOWN_GRACE_S="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "replserver",
+        "--port",
+        str(port),
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    server = Server(proc, f"http://127.0.0.1:{port}")
+    try:
+        async with asyncio.timeout(15):
+            while True:
+                assert proc.returncode is None, "the server exited during start-up"
+                try:
+                    async with server.http.get(f"{server.base}/health") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+        yield server
+    finally:
+        await server.http.close()
+        if proc.returncode is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def test_sigkill_of_server_ends_children_and_grandchildren() -> None:
+    pids: list[int] = []
+    try:
+        async with server_process() as server:
+            pids += await server.session_pids("one")
+            pids += await server.session_pids("two")
+            server.proc.kill()  # SIGKILL: no cleanup code of the server runs
+            async with asyncio.timeout(5):
+                await server.proc.wait()
+            alive = await wait_gone(pids)
+            assert alive == [], f"still running after the server was killed: {alive}"
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_sigkill_of_server_ends_busy_child() -> None:
+    pids: list[int] = []
+    try:
+        async with server_process() as server:
+            pids += await server.session_pids("busy")
+            url = f"{server.base}/execute-stream/busy"
+            resp = await server.http.post(url, json={"code": "import time\ntime.sleep(60)"})
+            assert resp.status == 200
+            server.proc.kill()
+            async with asyncio.timeout(5):
+                await server.proc.wait()
+            resp.close()
+            alive = await wait_gone(pids)
+            assert alive == [], f"still running after the server was killed: {alive}"
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_sigterm_shuts_down_gracefully() -> None:
+    pids: list[int] = []
+    try:
+        async with server_process() as server:
+            pids += await server.session_pids("idle")
+            pids += await server.session_pids("busy")
+            url = f"{server.base}/execute-stream/busy"
+            resp = await server.http.post(url, json={"code": "import time\ntime.sleep(60)"})
+            assert resp.status == 200
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                with suppress(aiohttp.ClientError):
+                    await resp.read()  # the running stream ends instead of holding shutdown up
+                await server.proc.wait()
+            elapsed = time.monotonic() - start
+            resp.close()
+            assert elapsed < 5
+            assert server.proc.returncode == 0
+            alive = await wait_gone(pids)
+            assert alive == [], f"still running after the server stopped: {alive}"
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_app_cleanup_ends_children(make_client: MakeClient) -> None:
+    client = await make_client()
+    pids: list[int] = []
+    try:
+        for sid in ("a", "b"):
+            body = await execute(client, sid, SPAWN_PIDS)
+            pids += [int(x) for x in body["output"].split()]
+        assert all(not pid_gone(pid) for pid in pids)
+        async with asyncio.timeout(10):
+            await client.close()
+        alive = await wait_gone(pids)
+        assert alive == [], f"still running after app cleanup: {alive}"
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_reset_ends_grandchildren(make_client: MakeClient) -> None:
+    client = await make_client()
+    pids: list[int] = []
+    try:
+        body = await execute(client, "reset", SPAWN_PIDS)
+        pids += [int(x) for x in body["output"].split()]
+        async with asyncio.timeout(10):
+            resp = await client.post("/reset/reset")
+        assert resp.status == 200
+        alive = await wait_gone(pids)
+        assert alive == [], f"still running after reset: {alive}"
+        after = await execute(client, "reset", "import os\nprint(os.getpid())")
+        assert int(after["output"]) not in pids
+    finally:
+        kill_leftovers(pids)

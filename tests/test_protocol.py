@@ -1,0 +1,340 @@
+"""The frame protocol: both layout copies agree, the parser, a real child on raw pipes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import pytest
+
+import runner_child
+from replserver import protocol
+from replserver.child import child_environment
+from replserver.settings import Settings
+
+FRAME_CONSTANTS = ("T_EXEC", "T_STDOUT", "T_STDERR", "T_DONE", "T_READY", "T_FATAL")
+REASON_CONSTANTS = ("REASON_OK", "REASON_EXCEPTION", "REASON_EXIT", "REASON_INTERRUPTED")
+PAYLOADS = [b"", b"x", b"hello\n", bytes(range(256)), b"\x00" * 70000, "é😀".encode()]
+
+
+# --- the two copies of the layout ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", (*FRAME_CONSTANTS, *REASON_CONSTANTS, "HEADER_SIZE"))
+def test_constants_agree(name: str) -> None:
+    assert getattr(runner_child, name) == getattr(protocol, name)
+
+
+def test_frame_types_are_distinct() -> None:
+    values = [getattr(protocol, name) for name in FRAME_CONSTANTS]
+    assert len(set(values)) == len(values)
+    assert all(0 <= v < 256 for v in values)
+
+
+def test_header_layout() -> None:
+    assert protocol.HEADER_SIZE == 5
+    assert protocol.encode(0x4F, b"abc") == b"\x4f\x00\x00\x00\x03abc"
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: f"{len(p)}b")
+@pytest.mark.parametrize("kind", [protocol.T_STDOUT, protocol.T_DONE, 0xFF, 0])
+def test_encode_agrees(kind: int, payload: bytes) -> None:
+    assert runner_child.encode_frame(kind, payload) == protocol.encode(kind, payload)
+
+
+@pytest.mark.parametrize("code", ["print(1)", "", "é = '😀'", "x\x00y"])
+def test_encode_exec_layout(code: str) -> None:
+    frame = protocol.encode_exec(code)
+    body = code.encode()
+    assert frame == protocol.encode(protocol.T_EXEC, b"\x00" + body)
+    assert frame == runner_child.encode_frame(runner_child.T_EXEC, b"\x00" + body)
+
+
+# --- FrameParser ---------------------------------------------------------------------------
+
+FRAMES: list[tuple[int, bytes]] = [
+    (protocol.T_STDOUT, b"hello\n"),
+    (protocol.T_STDERR, b""),
+    (protocol.T_DONE, b"\x00" * 9),
+    (protocol.T_STDOUT, bytes(range(256))),
+    (protocol.T_READY, b"1234"),
+]
+STREAM = b"".join(protocol.encode(k, p) for k, p in FRAMES)
+
+
+def test_parser_several_frames_in_one_feed() -> None:
+    parser = protocol.FrameParser(1024)
+    assert parser.feed(STREAM) == FRAMES
+    assert parser.feed(b"") == []
+
+
+def test_parser_single_frame_fast_path() -> None:
+    parser = protocol.FrameParser(1024)
+    assert parser.feed(protocol.encode(protocol.T_STDOUT, b"abc")) == [(protocol.T_STDOUT, b"abc")]
+    assert parser.feed(protocol.encode(protocol.T_DONE, b"")) == [(protocol.T_DONE, b"")]
+
+
+def test_parser_split_at_every_boundary() -> None:
+    for cut in range(len(STREAM) + 1):
+        parser = protocol.FrameParser(1024)
+        frames = parser.feed(STREAM[:cut]) + parser.feed(STREAM[cut:])
+        assert frames == FRAMES, f"split at {cut}"
+
+
+def test_parser_split_at_every_pair_of_boundaries() -> None:
+    data = b"".join(protocol.encode(k, p) for k, p in FRAMES[:3])
+    for first in range(len(data) + 1):
+        for second in range(first, len(data) + 1):
+            parser = protocol.FrameParser(1024)
+            frames = (
+                parser.feed(data[:first])
+                + parser.feed(data[first:second])
+                + parser.feed(data[second:])
+            )
+            assert frames == FRAMES[:3], (first, second)
+
+
+def test_parser_byte_by_byte() -> None:
+    parser = protocol.FrameParser(1024)
+    frames: list[tuple[int, bytes]] = []
+    for i in range(len(STREAM)):
+        frames += parser.feed(STREAM[i : i + 1])
+    assert frames == FRAMES
+
+
+def test_parser_payload_at_exact_limit() -> None:
+    parser = protocol.FrameParser(10)
+    assert parser.feed(protocol.encode(1, b"a" * 10)) == [(1, b"a" * 10)]
+
+
+def test_parser_too_large_fast_path() -> None:
+    parser = protocol.FrameParser(10)
+    with pytest.raises(protocol.FrameTooLarge) as info:
+        parser.feed(protocol.HEADER.pack(protocol.T_STDOUT, 11) + b"a" * 11)
+    assert info.value.size == 11 and info.value.limit == 10
+
+
+def test_parser_too_large_header_alone() -> None:
+    parser = protocol.FrameParser(10)
+    with pytest.raises(protocol.FrameTooLarge):
+        parser.feed(protocol.HEADER.pack(protocol.T_STDOUT, 0xFFFFFFFF))
+
+
+def test_parser_too_large_buffered_path() -> None:
+    header = protocol.HEADER.pack(protocol.T_STDOUT, 1 << 31)
+    parser = protocol.FrameParser(10)
+    assert parser.feed(header[:2]) == []
+    with pytest.raises(protocol.FrameTooLarge) as info:
+        parser.feed(header[2:])
+    assert info.value.size == 1 << 31
+
+
+def test_parser_too_large_after_valid_frame() -> None:
+    parser = protocol.FrameParser(10)
+    data = protocol.encode(protocol.T_STDOUT, b"ok") + protocol.HEADER.pack(protocol.T_STDOUT, 11)
+    with pytest.raises(protocol.FrameTooLarge):
+        parser.feed(data)
+
+
+# --- the completion record -----------------------------------------------------------------
+
+
+def finish_frame(return_code: int, reason: int, note: str, count: int) -> bytes:
+    """Call the real Runner.finish (without its fd-juggling __init__) and capture its frame."""
+    runner = runner_child.Runner.__new__(runner_child.Runner)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    proto_r, proto_w = os.pipe()
+    try:
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        runner.out_r, runner.err_r, runner.proto_out = out_r, err_r, proto_w
+        runner.count = count
+        runner.lock = threading.Lock()
+        runner.finish(return_code, reason, note)
+        return os.read(proto_r, 65536)
+    finally:
+        for fd in (out_r, out_w, err_r, err_w, proto_r, proto_w):
+            os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("return_code", "reason", "note", "name"),
+    [
+        (0, runner_child.REASON_OK, "", "ok"),
+        (1, runner_child.REASON_EXCEPTION, "", "exception"),
+        (1, runner_child.REASON_EXIT, "SystemExit: bye é", "exit"),
+        (1, runner_child.REASON_INTERRUPTED, "", "interrupted"),
+        (-7, runner_child.REASON_OK, "", "ok"),
+    ],
+)
+def test_done_decodes_runner_finish(return_code: int, reason: int, note: str, name: str) -> None:
+    frames = protocol.FrameParser(1024).feed(finish_frame(return_code, reason, note, count=42))
+    assert len(frames) == 1
+    kind, payload = frames[0]
+    assert kind == protocol.T_DONE
+    done = protocol.Done.decode(payload)
+    assert done == protocol.Done(return_code, 42, name, note)
+
+
+def test_done_unknown_reason_is_exception() -> None:
+    payload = (1).to_bytes(4, "big", signed=True) + (3).to_bytes(4, "big") + bytes((99,))
+    assert protocol.Done.decode(payload).reason == "exception"
+
+
+# --- a real child on raw pipes -------------------------------------------------------------
+
+
+class RawChild:
+    """runner_child.py started directly, spoken to in frames."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.parser = protocol.FrameParser(1 << 24)
+        self.pending: list[tuple[int, bytes]] = []
+
+    async def frame(self) -> tuple[int, bytes]:
+        assert self.proc.stdout is not None
+        while not self.pending:
+            data = await self.proc.stdout.read(65536)
+            assert data, "the child closed its protocol pipe"
+            self.pending += self.parser.feed(data)
+        return self.pending.pop(0)
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+
+    async def run(self, code: str) -> tuple[bytes, bytes, protocol.Done]:
+        self.send(protocol.encode_exec(code))
+        out, err = bytearray(), bytearray()
+        while True:
+            kind, payload = await self.frame()
+            if kind == protocol.T_STDOUT:
+                out += payload
+            elif kind == protocol.T_STDERR:
+                err += payload
+            else:
+                assert kind == protocol.T_DONE, (kind, payload)
+                return bytes(out), bytes(err), protocol.Done.decode(payload)
+
+
+@asynccontextmanager
+async def raw_child(max_frame: int = 1000) -> AsyncIterator[RawChild]:
+    env = child_environment(Settings.from_env({}, max_frame_bytes=max_frame))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-I",
+        runner_child.__file__,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+        # The child kills its own process group when its pipe closes: never ours.
+        start_new_session=True,
+    )
+    child = RawChild(proc)
+    try:
+        async with asyncio.timeout(20):
+            kind, payload = await child.frame()
+        assert kind == protocol.T_READY
+        assert int(payload) == proc.pid
+        yield child
+    finally:
+        if proc.returncode is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+async def test_child_refuses_oversized_frame_with_fatal() -> None:
+    async with raw_child(max_frame=1000) as child, asyncio.timeout(10):
+        child.send(protocol.HEADER.pack(protocol.T_EXEC, 1001))
+        kind, payload = await child.frame()
+        assert kind == protocol.T_FATAL
+        text = payload.decode()
+        assert "1001" in text and "1000" in text
+        returncode = await child.proc.wait()
+        assert returncode != 0
+
+
+async def test_child_refuses_huge_frame_without_waiting_for_it() -> None:
+    # 4 GiB announced, nothing sent: the child must answer at once, not read or allocate it.
+    async with raw_child(max_frame=1000) as child, asyncio.timeout(10):
+        child.send(protocol.HEADER.pack(protocol.T_EXEC, 0xFFFFFFFF))
+        kind, payload = await child.frame()
+        assert kind == protocol.T_FATAL
+        assert str(0xFFFFFFFF) in payload.decode()
+        assert await child.proc.wait() != 0
+
+
+async def test_child_refuses_unknown_frame_type() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        child.send(protocol.encode(0x7A, b"\x00print(1)"))
+        kind, payload = await child.frame()
+        assert kind == protocol.T_FATAL
+        assert "0x7a" in payload.decode().lower()
+        assert await child.proc.wait() != 0
+
+
+async def test_child_executes_and_reports_done() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        child.send(protocol.encode(protocol.T_EXEC, b"\x00" + b"print('hello')"))
+        kind, payload = await child.frame()
+        assert kind == protocol.T_STDOUT
+        out = bytearray(payload)
+        while True:
+            kind, payload = await child.frame()
+            if kind != protocol.T_STDOUT:
+                break
+            out += payload
+        assert out == b"hello\n"
+        assert kind == protocol.T_DONE
+        assert protocol.Done.decode(payload) == protocol.Done(0, 1, "ok", "")
+
+        out2, err2, done2 = await child.run("import sys\nx = 1\nsys.exit(4)")
+        assert (out2, done2) == (b"", protocol.Done(1, 2, "exit", "SystemExit: 4"))
+        assert b"SystemExit: 4" in err2
+
+        out3, err3, done3 = await child.run("print(x)\n1/0")
+        assert out3 == b"1\n"
+        assert b"ZeroDivisionError" in err3
+        assert (done3.return_code, done3.execution_count, done3.reason) == (1, 3, "exception")
+
+
+async def test_child_user_code_cannot_touch_the_protocol() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        # fd 1 is not the protocol pipe: a raw write arrives as output, framed
+        out, _, done = await child.run("import os\nos.write(1, b'\\x44\\x00\\x00\\x00\\x00')")
+        assert out == b"\x44\x00\x00\x00\x00"
+        assert done.return_code == 0
+        # fd 0 is not the protocol pipe either: reading it gives EOF, consumes no frames
+        out, _, done = await child.run("import os\nprint(os.read(0, 100))")
+        assert out == b"b''\n"
+        out, _, done = await child.run("print('still in sync')")
+        assert out == b"still in sync\n" and done.execution_count == 3
+
+
+async def test_child_exits_when_stdin_closes() -> None:
+    async with raw_child() as child:
+        _, _, done = await child.run("x = 1")
+        assert done.return_code == 0
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+        async with asyncio.timeout(5):
+            await child.proc.wait()
+        assert child.proc.returncode is not None
+
+
+async def test_child_exits_when_stdin_closes_while_busy() -> None:
+    async with raw_child() as child:
+        child.send(protocol.encode_exec("import time\ntime.sleep(60)"))
+        await asyncio.sleep(0.2)
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+        async with asyncio.timeout(5):
+            await child.proc.wait()

@@ -1,0 +1,254 @@
+"""Output delivery: large output, incremental streaming, concurrency, disconnects, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import ClientResponse
+
+from .conftest import Client, MakeClient, execute, parse_sse, stream
+
+BIG_CODE = (
+    "import sys\nfor i in range(5000):\n    sys.stdout.write(f'{i:08d}' + 'x' * 1015 + '\\n')"
+)
+BIG_EXPECTED = "".join(f"{i:08d}" + "x" * 1015 + "\n" for i in range(5000))
+
+
+def joined(events: list[dict[str, Any]], kind: str) -> str:
+    return "".join(e["content"] for e in events if e["type"] == kind)
+
+
+async def next_event(resp: ClientResponse) -> dict[str, Any]:
+    """Read the stream line by line up to the next `data:` event."""
+    while True:
+        line = await resp.content.readline()
+        assert line, "stream ended before the next event"
+        if line.startswith(b"data: "):
+            event: dict[str, Any] = json.loads(line[len(b"data: ") :])
+            return event
+
+
+async def read_events_until_complete(resp: ClientResponse) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        event = await next_event(resp)
+        events.append(event)
+        if event["type"] == "complete":
+            return events
+
+
+# --- volume --------------------------------------------------------------------------------
+
+
+async def test_big_output_execute(client: Client) -> None:
+    assert len(BIG_EXPECTED) == 5_120_000
+    async with asyncio.timeout(30):
+        body = await execute(client, "big", BIG_CODE)
+    assert body["error"] is None
+    assert body["returnCode"] == 0
+    assert len(body["output"]) == len(BIG_EXPECTED)
+    assert body["output"] == BIG_EXPECTED
+
+
+async def test_big_output_stream(client: Client) -> None:
+    async with asyncio.timeout(30):
+        events = await stream(client, "big-stream", BIG_CODE)
+    assert [e["type"] for e in events].count("complete") == 1
+    assert events[-1]["type"] == "complete" and events[-1]["returnCode"] == 0
+    out = joined(events, "output")
+    assert len(out) == len(BIG_EXPECTED)
+    assert out == BIG_EXPECTED
+    assert joined(events, "error") == ""
+
+
+async def test_interleaved_stdout_stderr_volume(client: Client) -> None:
+    code = (
+        "import sys\n"
+        "for i in range(2000):\n"
+        "    sys.stdout.write(f'o{i}\\n')\n"
+        "    sys.stderr.write(f'e{i}\\n')\n"
+    )
+    async with asyncio.timeout(30):
+        events = await stream(client, "mixed", code)
+    assert joined(events, "output") == "".join(f"o{i}\n" for i in range(2000))
+    assert joined(events, "error") == "".join(f"e{i}\n" for i in range(2000))
+    assert events[-1]["type"] == "complete"
+
+
+# --- incrementality ------------------------------------------------------------------------
+
+
+async def test_stream_is_incremental(client: Client) -> None:
+    sid = "incremental"
+    await execute(client, sid, "import time")  # the child is up: measure streaming, not spawn
+    code = "print('first')\ntime.sleep(1.0)\nprint('second')"
+    async with asyncio.timeout(15):
+        start = time.monotonic()
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        assert resp.status == 200
+        first = await next_event(resp)
+        first_at = time.monotonic() - start
+        rest = await read_events_until_complete(resp)
+        done_at = time.monotonic() - start
+    assert first["type"] == "output" and first["content"].startswith("first")
+    assert first_at < 0.7, f"first event after {first_at:.3f} s"
+    assert done_at >= 1.0
+    assert first["content"] + joined(rest, "output") == "first\nsecond\n"
+    assert rest[-1]["type"] == "complete" and rest[-1]["returnCode"] == 0
+
+
+async def test_stderr_is_incremental(client: Client) -> None:
+    sid = "incremental-err"
+    await execute(client, sid, "import time, sys")
+    code = "sys.stderr.write('warn\\n')\ntime.sleep(1.0)"
+    async with asyncio.timeout(15):
+        start = time.monotonic()
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        first = await next_event(resp)
+        first_at = time.monotonic() - start
+        rest = await read_events_until_complete(resp)
+    assert first == {"type": "error", "content": "warn\n"}
+    assert first_at < 0.7, f"first event after {first_at:.3f} s"
+    assert rest[-1]["type"] == "complete"
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def tagged_code(tag: str, count: int = 20) -> str:
+    return f"import time\nfor i in range({count}):\n    print('{tag}', i)\n    time.sleep(0.01)"
+
+
+async def test_two_sessions_stream_only_their_own_output(client: Client) -> None:
+    tags = ("ALPHA", "BRAVO", "CHARLIE")
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(*(stream(client, f"own-{t}", tagged_code(t)) for t in tags))
+    for tag, events in zip(tags, results, strict=True):
+        out = joined(events, "output")
+        assert out == "".join(f"{tag} {i}\n" for i in range(20))
+        for other in tags:
+            if other != tag:
+                assert other not in out
+        assert events[-1]["type"] == "complete"
+
+
+async def test_different_sessions_run_in_parallel(client: Client) -> None:
+    sids = ("par-a", "par-b", "par-c")
+    await asyncio.gather(*(execute(client, sid, "import time") for sid in sids))
+    async with asyncio.timeout(15):
+        start = time.monotonic()
+        replies = await asyncio.gather(
+            *(execute(client, sid, "time.sleep(0.6)\nprint('done')") for sid in sids)
+        )
+        elapsed = time.monotonic() - start
+    assert all(r["output"] == "done\n" for r in replies)
+    assert elapsed < 1.5, f"three 0.6 s sleeps in different sessions took {elapsed:.2f} s"
+
+
+async def test_one_session_serializes_concurrent_requests(client: Client) -> None:
+    sid = "serial"
+    await execute(client, sid, "n = 0\nimport time")
+    code = "for _ in range(1000):\n    t = n\n    time.sleep(0)\n    n = t + 1"
+    async with asyncio.timeout(20):
+        replies = await asyncio.gather(execute(client, sid, code), execute(client, sid, code))
+    assert all(r["returnCode"] == 0 for r in replies)
+    assert sorted(r["executionCount"] for r in replies) == [2, 3]
+    body = await execute(client, sid, "print(n)")
+    assert body["output"] == "2000\n"
+
+
+async def test_one_session_concurrent_outputs_not_mixed(client: Client) -> None:
+    sid = "serial-out"
+    await execute(client, sid, "import time")
+    code_a = "for i in range(30):\n    print('AAA', i)\n    time.sleep(0.002)"
+    code_b = "for i in range(30):\n    print('BBB', i)\n    time.sleep(0.002)"
+    async with asyncio.timeout(20):
+        a, b = await asyncio.gather(execute(client, sid, code_a), stream(client, sid, code_b))
+    assert a["output"] == "".join(f"AAA {i}\n" for i in range(30))
+    assert joined(b, "output") == "".join(f"BBB {i}\n" for i in range(30))
+
+
+async def test_requests_run_in_arrival_order(client: Client) -> None:
+    sid = "order"
+    await execute(client, sid, "import time\nseen = []")
+    async with asyncio.timeout(15):
+        first = asyncio.create_task(execute(client, sid, "time.sleep(0.3)\nseen.append('A')"))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(execute(client, sid, "seen.append('B')"))
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(stream(client, sid, "seen.append('C')"))
+        await asyncio.gather(first, second, third)
+    body = await execute(client, sid, "print(seen)")
+    assert body["output"] == "['A', 'B', 'C']\n"
+
+
+# --- disconnects ---------------------------------------------------------------------------
+
+
+async def test_disconnect_mid_stream_leaves_session_usable(client: Client) -> None:
+    sid = "disconnect"
+    await execute(client, sid, "keep = 'intact'\nimport time")
+    code = "for i in range(20):\n    print(i, flush=True)\n    time.sleep(0.05)"
+    async with asyncio.timeout(10):
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        first = await next_event(resp)
+        assert first["type"] == "output"
+        resp.close()
+    async with asyncio.timeout(10):
+        body = await execute(client, sid, "print(keep)")
+    assert body["output"] == "intact\n"
+    assert body["restarted"] is False
+    async with asyncio.timeout(10):
+        events = await stream(client, sid, "print('streams again')")
+    assert joined(events, "output") == "streams again\n"
+
+
+async def test_disconnect_while_output_backs_up(make_client: MakeClient) -> None:
+    client = await make_client(stream_buffer_bytes=4096)
+    sid = "disconnect-backpressure"
+    await execute(client, sid, "keep = 'intact'")
+    code = "import sys\nfor i in range(20000):\n    sys.stdout.write('y' * 1000 + '\\n')"
+    async with asyncio.timeout(10):
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        first = await next_event(resp)
+        assert first["type"] == "output"
+        await asyncio.sleep(0.3)  # let the pipes and buffers fill up behind us
+        resp.close()
+    async with asyncio.timeout(15):
+        body = await execute(client, sid, "print(keep)")
+    assert body["output"] == "intact\n"
+    assert body["restarted"] is False
+
+
+async def test_slow_consumer_gets_every_byte(make_client: MakeClient) -> None:
+    client = await make_client(stream_buffer_bytes=4096)
+    # 8 MB: more than loopback socket buffers absorb, so the child really is held back
+    lines = 8000
+    code = (
+        "import sys\n"
+        f"for i in range({lines}):\n"
+        "    sys.stdout.write(f'{i:06d}' + 'z' * 994 + '\\n')"
+    )
+    expected = "".join(f"{i:06d}" + "z" * 994 + "\n" for i in range(lines))
+    async with asyncio.timeout(30):
+        resp = await client.post("/execute-stream/slow", json={"code": code})
+        assert resp.status == 200
+        await asyncio.sleep(0.5)  # nobody reads: the server must hold the child back
+        raw = bytearray()
+        reads = 0
+        while True:
+            piece = await resp.content.read(16384)
+            if not piece:
+                break
+            raw += piece
+            reads += 1
+            if reads % 16 == 0:
+                await asyncio.sleep(0.01)
+    events = parse_sse(raw.decode())
+    assert events[-1]["type"] == "complete" and events[-1]["returnCode"] == 0
+    out = joined(events, "output")
+    assert len(out) == len(expected)
+    assert out == expected
