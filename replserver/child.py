@@ -10,8 +10,10 @@ import subprocess
 from typing import Any, Literal
 
 from . import protocol
+from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError, ProtocolError
 from .execution import Execution, Failure
+from .sandbox import prepare_child
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ def child_environment(settings: Settings, output_fds: tuple[int, ...] = ()) -> d
         "LC_ALL": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
         "REPL_MAX_FRAME_BYTES": str(settings.max_frame_bytes),
+        "REPL_RLIMITS": ",".join(f"{name}={value}" for name, value in settings.rlimits.items()),
     }
 
 
@@ -55,8 +58,9 @@ def describe_exit(returncode: int | None) -> str:
 class ChildProcess:
     """A live runner_child.py: one execution at a time, frames in and out over its pipes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cgroup: ChildCgroup | None = None) -> None:
         self._settings = settings
+        self._cgroup = cgroup
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._stdout: asyncio.ReadTransport | None = None
@@ -65,6 +69,7 @@ class ChildProcess:
         self._parser = protocol.FrameParser(settings.max_frame_bytes)
         self.current: Execution | None = None
         self._leftover_fds: tuple[int, ...] = ()  # read ends of the child's fd 1/2 pipes
+        self._reap = False  # we killed processes the child may have to wait for
         self.pid = 0
         self.error: str | None = None  # why the child is unusable, once it is
 
@@ -77,10 +82,10 @@ class ChildProcess:
         return not self._gone.done() and self.error is None
 
     @classmethod
-    async def spawn(cls, settings: Settings) -> ChildProcess:
+    async def spawn(cls, settings: Settings, *, cgroups: CgroupTree | None = None) -> ChildProcess:
         """Start a child and wait until it reports ready."""
         loop = asyncio.get_running_loop()
-        child = cls(settings)
+        child = cls(settings, cgroups.new(settings.limit_processes) if cgroups else None)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         os.set_blocking(out_r, False)  # the draining after a death must never wait
@@ -98,10 +103,13 @@ class ChildProcess:
                 env=child_environment(settings, fds),
                 pass_fds=fds,
                 start_new_session=True,  # own process group: killpg reaches grandchildren
+                preexec_fn=prepare_child,
             )
         except OSError as exc:
             os.close(out_r)
             os.close(err_r)
+            if child._cgroup is not None:
+                await child._cgroup.destroy()
             raise ChildStartError(f"could not start the Python process: {exc}") from exc
         finally:
             os.close(out_w)
@@ -109,6 +117,12 @@ class ChildProcess:
         child._leftover_fds = (out_r, err_r)
         child._attach(transport)
         try:
+            if child._cgroup is not None:
+                # Before any user code: the child only forks once it runs an execution.
+                try:
+                    child._cgroup.add(child.pid)
+                except OSError as exc:
+                    raise ChildStartError(f"could not confine the Python process: {exc}") from exc
             async with asyncio.timeout(settings.spawn_timeout_s):
                 waiters: list[asyncio.Future[Any]] = [child._ready, child._gone]
                 await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
@@ -122,6 +136,7 @@ class ChildProcess:
             raise
         if not child._ready.done():
             code = child._gone.result()
+            await child.end(0)
             raise ChildStartError(f"the Python process {describe_exit(code)} while starting")
         return child
 
@@ -141,7 +156,8 @@ class ChildProcess:
             raise ProtocolError("the session's Python process is not running")
         assert self.current is None, "one execution at a time"
         self.current = execution
-        self._stdin.write(protocol.encode_exec(code))
+        flags, self._reap = (protocol.FLAG_REAP if self._reap else 0), False
+        self._stdin.write(protocol.encode_exec(code, flags))
 
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
@@ -214,7 +230,10 @@ class ChildProcess:
         self._drain_leftovers()
         returncode = self._transport.get_returncode() if self._transport else None
         if self.error is None:
-            self.error = f"the session's Python process {describe_exit(returncode)}"
+            how = describe_exit(returncode)
+            if returncode == -signal.SIGKILL:
+                how += " (perhaps by the kernel, out of memory)"
+            self.error = f"The session's Python process {how}; its state was lost."
         self._fail_current(self.error)
         if not self._gone.done():
             self._gone.set_result(returncode)
@@ -224,6 +243,8 @@ class ChildProcess:
         """Signal the child's process group; False if it no longer exists."""
         if not self.pid:
             return False
+        if sig == signal.SIGKILL and self._cgroup is not None:
+            self._cgroup.kill_all()
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
@@ -235,6 +256,25 @@ class ChildProcess:
                 return False
         return True
 
+    def kill_others(self) -> None:
+        """SIGKILL every process of the session but the child itself (after a stop)."""
+        self._reap = True
+        if self._cgroup is not None:
+            self._cgroup.kill_all(spare=self.pid)
+            return
+        for pid in _group_members(self.pid):
+            if pid != self.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def kill(self, message: str) -> None:
+        """Kill the whole process group now; the execution in flight fails with `message`."""
+        if self.error is None:
+            self.error = message
+        self._signal_group(signal.SIGKILL)
+
     def interrupt(self) -> bool:
         """SIGINT the child (KeyboardInterrupt in user code); False if it is gone."""
         return self.alive and self._signal_group(signal.SIGINT)
@@ -244,6 +284,8 @@ class ChildProcess:
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         if self._gone.done():
             self._signal_group(signal.SIGKILL)  # grandchildren may outlive the child itself
+            if self._cgroup is not None:
+                await self._cgroup.destroy()
             return "already-gone"
         outcome: EndOutcome = "exited"
         if self._stdin is not None:
@@ -261,7 +303,27 @@ class ChildProcess:
         self._signal_group(signal.SIGKILL)
         if self._transport is not None:
             self._transport.close()
+        if self._cgroup is not None:
+            await self._cgroup.destroy()
         return outcome
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids whose process group is `pgid` (a /proc scan: only used after a stop)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, pgrp, ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):

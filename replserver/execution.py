@@ -39,17 +39,22 @@ class Execution:
         "_on_end",
         "_pause",
         "_paused",
+        "_remaining",
         "_resume",
         "_waiter",
         "finished",
+        "notes",
         "outcome",
         "started",
+        "stopped_by",
+        "truncated",
     )
 
     def __init__(
         self,
         *,
         high_water: int,
+        max_output: int,
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_end: Callable[[], None],
@@ -63,6 +68,10 @@ class Execution:
         self._paused = False
         self._detached = False
         self._on_end = on_end
+        self._remaining = max_output
+        self.truncated = False  # output past max_output was dropped
+        self.notes: list[str] = []  # the server's own messages, appended to stderr text
+        self.stopped_by: str | None = None  # "timeout" or "interrupted", when we stopped it
         self.outcome: Done | Failure | None = None
         self.started = time.monotonic()
         self.finished = 0.0
@@ -77,11 +86,35 @@ class Execution:
         return round((end - self.started) * 1000, 3)
 
     # --- producer side (child pipe callbacks) -----------------------------------------------
+    @property
+    def reason(self) -> str:
+        """Why the execution ended: ok, exception, timeout, interrupted, memory,
+        output_limit or crashed."""
+        outcome = self.outcome
+        if self.stopped_by is not None:
+            return self.stopped_by
+        if not isinstance(outcome, Done):
+            return "crashed"
+        if outcome.reason == "ok":
+            return "output_limit" if self.truncated else "ok"
+        return "exception" if outcome.reason == "exit" else outcome.reason
+
     def push(self, kind: int, data: bytes) -> None:
-        if self._detached or self.outcome is not None:
+        if self.outcome is not None:
+            return
+        size = len(data)
+        if size > self._remaining:
+            # Past the cap the bytes are dropped and the code runs on (README: limits).
+            if self.truncated:
+                return
+            self.truncated = True
+            data = data[: self._remaining]
+            size = len(data)
+        self._remaining -= size
+        if self._detached or not size:
             return
         self._chunks.append((kind, data))
-        self._buffered += len(data)
+        self._buffered += size
         if self._buffered > self._high_water and not self._paused:
             self._paused = True
             self._pause()

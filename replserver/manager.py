@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .cgroup import CgroupTree
 from .errors import ShuttingDown
 from .session import Session
 from .settings import Settings
@@ -17,6 +18,7 @@ class SessionManager:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self.cgroups = CgroupTree.create() if settings.cgroups == "auto" else None
         self._sessions: dict[str, Session] = {}
         self._closing = False
 
@@ -32,8 +34,13 @@ class SessionManager:
         if session is None:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
-            session = self._sessions[session_id] = Session(session_id, settings=self._settings)
+            session = Session(session_id, settings=self._settings, cgroups=self.cgroups)
+            self._sessions[session_id] = session
         return session
+
+    def find(self, session_id: str) -> Session | None:
+        """The session with this id if it exists; never creates one."""
+        return self._sessions.get(session_id)
 
     async def reset(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -49,3 +56,6 @@ class SessionManager:
         for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("closing session %s failed: %r", session.id, result)
+        if self.cgroups is not None:
+            await self.cgroups.remove()
+            self.cgroups = None

@@ -14,6 +14,7 @@ HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size
 
 T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
+FLAG_REAP = 0x01  # EXEC flag: processes of the child were killed; reap their zombies first
 T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
 T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
 T_DONE = 0x44  # 'D' child -> server: execution finished
@@ -24,11 +25,13 @@ REASON_OK = 0
 REASON_EXCEPTION = 1
 REASON_EXIT = 2
 REASON_INTERRUPTED = 3
+REASON_MEMORY = 4
 REASON_NAMES = {
     REASON_OK: "ok",
     REASON_EXCEPTION: "exception",
     REASON_EXIT: "exit",
     REASON_INTERRUPTED: "interrupted",
+    REASON_MEMORY: "memory",
 }
 
 _DONE = struct.Struct(">iIB")

@@ -62,8 +62,8 @@ def session_id(request: web.Request) -> str:
     return value
 
 
-async def read_code(request: web.Request) -> str:
-    """The `code` field of a JSON object body, checked."""
+async def read_request(request: web.Request) -> tuple[str, float | None]:
+    """The `code` and optional `timeout` fields of a JSON object body, checked."""
     body = await request.read()  # aiohttp answers 413 past client_max_size
     try:
         data = json.loads(body)
@@ -78,21 +78,38 @@ async def read_code(request: web.Request) -> str:
         raise BadRequest("field 'code' must be a string")
     if not code.strip():
         raise BadRequest("field 'code' is empty")
-    return code
+    timeout = data.get("timeout")
+    if timeout is not None:
+        limit = request.app[SETTINGS].max_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise BadRequest("field 'timeout' must be a number of seconds")
+        if not 0 < timeout <= limit:
+            raise BadRequest(f"field 'timeout' must be above 0 and at most {limit:g} seconds")
+        timeout = float(timeout)
+    return code, timeout
 
 
 async def execute(request: web.Request) -> web.Response:
     sid = session_id(request)
-    code = await read_code(request)
-    run = await request.app[MANAGER].get(sid).start(code)
-    return web.json_response(await streaming.collect(run))
+    code, timeout_s = await read_request(request)
+    run = await request.app[MANAGER].get(sid).start(code, timeout_s=timeout_s)
+    limit = request.app[SETTINGS].max_output_bytes
+    return web.json_response(await streaming.collect(run, output_limit=limit))
 
 
 async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
-    code = await read_code(request)
-    run = await request.app[MANAGER].get(sid).start(code)
-    return await streaming.stream(request, run)
+    code, timeout_s = await read_request(request)
+    run = await request.app[MANAGER].get(sid).start(code, timeout_s=timeout_s)
+    limit = request.app[SETTINGS].max_output_bytes
+    return await streaming.stream(request, run, output_limit=limit)
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    session = request.app[MANAGER].find(sid)
+    running = session.interrupt() if session is not None else False
+    return web.json_response({"sessionId": sid, "interrupted": running})
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -120,5 +137,6 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         app.router.add_post("/execute/{session_id}", execute),
         app.router.add_post("/execute-stream/{session_id}", execute_stream),
         app.router.add_post("/reset/{session_id}", reset),
+        app.router.add_post("/interrupt/{session_id}", interrupt),
         app.router.add_get("/health", health),
     ]

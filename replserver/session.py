@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .cgroup import CgroupTree
 from .child import ChildProcess
 from .errors import ShuttingDown
 from .execution import Execution
@@ -27,14 +28,19 @@ class Run:
 class Session:
     """Runs one session's requests one at a time, in arrival order, in its own child."""
 
-    def __init__(self, session_id: str, *, settings: Settings) -> None:
+    def __init__(
+        self, session_id: str, *, settings: Settings, cgroups: CgroupTree | None = None
+    ) -> None:
         self.id = session_id
         self._settings = settings
+        self._cgroups = cgroups
         self._child: ChildProcess | None = None
         # asyncio.Lock wakes waiters first-in first-out: requests run in arrival order.
         # The lock is held from sending the code until the child's completion frame, and
         # released by the execution itself, so a client that goes away cannot leave it held.
         self._lock = asyncio.Lock()
+        self._current: Execution | None = None
+        self._timers: list[asyncio.TimerHandle] = []
         self._lost_state: str | None = None  # why the next run starts on a fresh child
         self.created = time.time()
         self.last_active = self.created
@@ -51,9 +57,9 @@ class Session:
 
     @property
     def running(self) -> bool:
-        return self._child is not None and self._child.current is not None
+        return self._current is not None
 
-    async def start(self, code: str) -> Run:
+    async def start(self, code: str, *, timeout_s: float | None = None) -> Run:
         """Wait for our turn, make sure a child is up, send it `code`."""
         self.queued += 1
         try:
@@ -65,6 +71,7 @@ class Session:
             self.execution_count += 1
             execution = Execution(
                 high_water=self._settings.stream_buffer_bytes,
+                max_output=self._settings.max_output_bytes,
                 pause=child.pause_reading,
                 resume=child.resume_reading,
                 on_end=self._on_end,
@@ -73,14 +80,66 @@ class Session:
         except BaseException:
             self._lock.release()
             raise
+        self._current = execution
+        # The clock starts when the code reaches the child, not while it waits its turn.
+        limit = self._settings.timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(limit, self._expire, execution, limit))
         self.last_active = time.time()
         restart, self._lost_state = self._lost_state, None
         return Run(execution, self.execution_count, restart)
 
     def _on_end(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        execution, self._current = self._current, None
+        child = self._child
+        if execution is not None and execution.stopped_by and child is not None and child.alive:
+            # A stop means everything the code was running: processes it started (a fork
+            # loop's copies born after the SIGINT, say) must not run on unseen.
+            child.kill_others()
         self.last_active = time.time()
         self._lock.release()
 
+    # --- stopping running code ----------------------------------------------------------------
+    def _expire(self, execution: Execution, limit_s: float) -> None:
+        if execution.outcome is None:
+            execution.notes.append(f"Execution timed out after {limit_s:g} s.")
+            self._stop(execution, "timeout")
+
+    def interrupt(self) -> bool:
+        """Interrupt the running execution (the stop button); False if nothing runs."""
+        execution = self._current
+        if execution is None or execution.stopped_by is not None:
+            return execution is not None
+        execution.notes.append("Execution interrupted.")
+        self._stop(execution, "interrupted")
+        return True
+
+    def _stop(self, execution: Execution, why: str) -> None:
+        """SIGINT now; if the code has not come back within the grace period, kill it."""
+        execution.stopped_by = why
+        child = self._child
+        if child is None or not child.interrupt():
+            return
+        loop = asyncio.get_running_loop()
+        grace = self._settings.interrupt_grace_s
+        self._timers.append(loop.call_later(grace, self._escalate, execution, child, grace))
+
+    def _escalate(self, execution: Execution, child: ChildProcess, grace_s: float) -> None:
+        if execution.outcome is not None or not child.alive:
+            return
+        log.warning(
+            "session %s: no response %g s after SIGINT, killing its process", self.id, grace_s
+        )
+        child.kill(
+            f"The code did not stop within {grace_s:g} s of the interrupt, so the session's"
+            " Python process was killed; the next request starts a fresh one"
+            " (earlier state was lost)."
+        )
+
+    # --- the child ----------------------------------------------------------------------------
     async def _ensure_child(self) -> ChildProcess:
         child = self._child
         if child is not None and child.alive:
@@ -90,7 +149,7 @@ class Session:
             self._lost_state = child.error or "the session's Python process ended"
             self._child = None
             await child.end(0)
-        child = await ChildProcess.spawn(self._settings)
+        child = await ChildProcess.spawn(self._settings, cgroups=self._cgroups)
         if self.closed:
             await child.end()
             raise ShuttingDown("the session was closed while starting")

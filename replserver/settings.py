@@ -33,6 +33,19 @@ class Settings:
     max_frame_bytes: int = 8 * MiB
     # Unsent output held per stream before the child's pipe is paused (backpressure).
     stream_buffer_bytes: int = 1 * MiB
+    # Execution control: wall-clock limits, the interrupt's grace period, output cap.
+    timeout_s: float = 30.0
+    max_timeout_s: float = 300.0
+    interrupt_grace_s: float = 2.0
+    max_output_bytes: int = 16 * MiB
+    # Per-child resource limits (setrlimit, soft = hard); 0 means unlimited.
+    limit_memory_bytes: int = 1024 * MiB
+    limit_cpu_s: int = 3600
+    limit_file_bytes: int = 1024 * MiB
+    limit_open_files: int = 1024
+    limit_processes: int = 256
+    # "auto": a pids cgroup per child where the server may create one; "off": never.
+    cgroups: str = "auto"
     python: str = sys.executable
     runner_path: str = field(default_factory=default_runner_path)
     spawn_timeout_s: float = 20.0
@@ -42,6 +55,26 @@ class Settings:
     @property
     def development(self) -> bool:
         return self.environment == "development"
+
+    @property
+    def rlimits(self) -> dict[str, int]:
+        """The child's resource limits by RLIMIT_* suffix, unlimited ones left out."""
+        limits = {
+            "as": self.limit_memory_bytes,
+            "cpu": self.limit_cpu_s,
+            "fsize": self.limit_file_bytes,
+            "nofile": self.limit_open_files,
+            "nproc": self.limit_processes,
+        }
+        return {name: value for name, value in limits.items() if value > 0}
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_timeout_s < self.timeout_s:
+            raise ValueError("need 0 < REPL_TIMEOUT_S <= REPL_MAX_TIMEOUT_S")
+        if self.cgroups not in ("auto", "off"):
+            raise ValueError("REPL_CGROUPS must be 'auto' or 'off'")
+        if self.max_body_bytes >= self.max_frame_bytes:
+            raise ValueError("REPL_MAX_BODY_BYTES must be below REPL_MAX_FRAME_BYTES")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -84,6 +117,16 @@ ENV_VARS: dict[str, str] = {
     "max_body_bytes": "REPL_MAX_BODY_BYTES",
     "max_frame_bytes": "REPL_MAX_FRAME_BYTES",
     "stream_buffer_bytes": "REPL_STREAM_BUFFER_BYTES",
+    "timeout_s": "REPL_TIMEOUT_S",
+    "max_timeout_s": "REPL_MAX_TIMEOUT_S",
+    "interrupt_grace_s": "REPL_INTERRUPT_GRACE_S",
+    "max_output_bytes": "REPL_MAX_OUTPUT_BYTES",
+    "limit_memory_bytes": "REPL_LIMIT_MEMORY_BYTES",
+    "limit_cpu_s": "REPL_LIMIT_CPU_S",
+    "limit_file_bytes": "REPL_LIMIT_FILE_BYTES",
+    "limit_open_files": "REPL_LIMIT_OPEN_FILES",
+    "limit_processes": "REPL_LIMIT_PROCESSES",
+    "cgroups": "REPL_CGROUPS",
     "python": "REPL_PYTHON",
     "runner_path": "REPL_RUNNER_PATH",
     "spawn_timeout_s": "REPL_SPAWN_TIMEOUT_S",

@@ -46,19 +46,31 @@ def completion_fields(run: Run) -> dict[str, Any]:
     outcome = execution.outcome
     return_code = outcome.return_code if isinstance(outcome, Done) else 1
     return {
-        "returnCode": 0 if return_code == 0 else 1,
+        "returnCode": 0 if return_code == 0 and execution.stopped_by is None else 1,
         "executionCount": run.execution_count,
         "durationMs": execution.duration_ms,
+        "reason": execution.reason,
+        "namespaceSurvived": isinstance(outcome, Done),
+        "truncated": execution.truncated,
         "restarted": run.restart_reason is not None,
     }
 
 
-def failure_text(execution: Execution) -> str:
+def server_text(execution: Execution, limit: int) -> str:
+    """The server's own account of how the execution ended, shown after its stderr."""
+    lines = []
+    if execution.truncated:
+        lines.append(
+            f"[output truncated: more than {limit} bytes were written; the rest was dropped]"
+        )
+    lines.extend(execution.notes)
     outcome = execution.outcome
-    return f"{outcome.message}\n" if isinstance(outcome, Failure) else ""
+    if isinstance(outcome, Failure):
+        lines.append(outcome.message)
+    return "".join(f"{line}\n" for line in lines)
 
 
-async def collect(run: Run) -> dict[str, Any]:
+async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
     """Run to completion and build /execute's JSON reply."""
     execution = run.execution
     out: list[bytes] = []
@@ -69,7 +81,7 @@ async def collect(run: Run) -> dict[str, Any]:
                 (out if kind == T_STDOUT else err).append(data)
     finally:
         execution.detach()
-    error = b"".join(err).decode("utf-8", "replace") + failure_text(execution)
+    error = b"".join(err).decode("utf-8", "replace") + server_text(execution, output_limit)
     reply: dict[str, Any] = {
         "output": b"".join(out).decode("utf-8", "replace"),
         "error": error or None,
@@ -78,7 +90,7 @@ async def collect(run: Run) -> dict[str, Any]:
     return reply
 
 
-async def stream(request: web.Request, run: Run) -> web.StreamResponse:
+async def stream(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
     """Forward the execution as Server-Sent Events while it runs."""
     execution = run.execution
     decoders = {T_STDOUT: _decoder(), -1: _decoder()}
@@ -99,7 +111,7 @@ async def stream(request: web.Request, run: Run) -> web.StreamResponse:
             tail = decoder.decode(b"", final=True)
             if tail:
                 await send(dumps({"type": EVENT_TYPE.get(key, "error"), "content": tail}))
-        message = failure_text(execution)
+        message = server_text(execution, output_limit)
         if message:
             await send(dumps({"type": "error", "content": message}))
         await send(dumps({"type": "complete", **completion_fields(run)}))

@@ -226,7 +226,9 @@ class RawChild:
 
 @asynccontextmanager
 async def raw_child(max_frame: int = 1000) -> AsyncIterator[RawChild]:
-    env = child_environment(Settings.from_env({}, max_frame_bytes=max_frame))
+    env = child_environment(
+        Settings.from_env({}, max_frame_bytes=max_frame, max_body_bytes=max_frame // 2)
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
