@@ -12,11 +12,13 @@ WORKDIR /app
 # the package and the child script. The same `pip install .` is exercised by the tests.
 COPY pyproject.toml README.md runner_child.py ./
 COPY replserver ./replserver
-RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-packages \
-    && useradd --system --uid 10001 --home-dir /home/repl --create-home repl
+RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-packages
 
-USER repl
-WORKDIR /home/repl
+# The server runs as root on purpose: it starts every session's process as a distinct
+# unprivileged uid (REPL_UID_RANGE) with no groups, no_new_privs, no network and a private
+# directory, which only root can do. User code never runs as root (SECURITY.md). Running
+# the server itself as a non-root user works too, but then all sessions share one uid.
+WORKDIR /srv
 EXPOSE 8000
 # SIGTERM: the server stops accepting, ends every session's process group, and exits.
 STOPSIGNAL SIGTERM

@@ -378,9 +378,20 @@ def apply_limits(spec: str) -> None:
         resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (limit, limit))
 
 
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0: no other process of our uid may ptrace us or read our memory or
+    environment through /proc. execve resets it, so only the child itself can set it; the
+    bare _ctypes module costs a fraction of ctypes' import."""
+    import _ctypes
+
+    prctl = _ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), "prctl")  # type: ignore[arg-type]
+    _ctypes.call_function(prctl, (4, 0, 0, 0, 0))
+
+
 def main() -> None:
     # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
     # subprocesses of user code never inherit them.
+    make_undumpable()
     proto_in, proto_out = os.dup(0), os.dup(1)
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
     apply_limits(os.environ.pop("REPL_RLIMITS", ""))

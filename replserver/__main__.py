@@ -28,6 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        serve(settings)
+    except RuntimeError as exc:  # start-up refused (REPL_REQUIRE_ISOLATION, no confinement)
+        logging.getLogger("replserver").error("%s", exc)
+        raise SystemExit(1) from None
+
+
+def serve(settings: Settings) -> None:
     web.run_app(
         create_app(settings),
         host=settings.host,

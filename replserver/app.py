@@ -5,7 +5,8 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 
-from . import routes
+from . import probe, routes
+from .isolation import Isolation
 from .manager import SessionManager
 from .settings import Settings
 
@@ -16,6 +17,10 @@ def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
     )
     origins = ("*",) if settings.development else settings.cors_origins
     return {origin: options for origin in origins}
+
+
+async def _verify_isolation(app: web.Application) -> None:
+    await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -29,7 +34,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings.from_env()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[routes.json_errors])
     app[routes.SETTINGS] = settings
-    app[routes.MANAGER] = SessionManager(settings)
+    isolation = Isolation(settings)
+    app[routes.ISOLATION] = isolation
+    app[routes.MANAGER] = SessionManager(settings, isolation)
+    app.on_startup.append(_verify_isolation)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_sessions)
     cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))

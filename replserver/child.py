@@ -10,10 +10,10 @@ import subprocess
 from typing import Any, Literal
 
 from . import protocol
-from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError, ProtocolError
 from .execution import Execution, Failure
-from .sandbox import prepare_child
+from .isolation import Isolation, Lease
+from .sandbox import Confinement, make_preexec
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,17 +23,20 @@ EndOutcome = Literal["exited", "terminated", "killed", "already-gone"]
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def child_environment(settings: Settings, output_fds: tuple[int, ...] = ()) -> dict[str, str]:
+def child_environment(
+    settings: Settings, output_fds: tuple[int, ...] = (), home: str = "/tmp", python: str = ""
+) -> dict[str, str]:
     """A small explicit environment: nothing of the server's own variables reaches user code.
 
     `output_fds` (read and write ends of the fd 1 and fd 2 pipes) are made by the server;
     without them the child makes its own pipes.
     """
-    bin_dir = os.path.dirname(settings.python)
+    bin_dir = os.path.dirname(python or settings.python)
     return {
         "REPL_OUTPUT_FDS": ",".join(map(str, output_fds)),
         "PATH": f"{bin_dir}:{_SAFE_PATH}",
-        "HOME": os.environ.get("TMPDIR", "/tmp"),
+        "HOME": home,
+        "TMPDIR": home,
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
@@ -58,9 +61,13 @@ def describe_exit(returncode: int | None) -> str:
 class ChildProcess:
     """A live runner_child.py: one execution at a time, frames in and out over its pipes."""
 
-    def __init__(self, settings: Settings, cgroup: ChildCgroup | None = None) -> None:
+    def __init__(
+        self, settings: Settings, isolation: Isolation | None = None, lease: Lease | None = None
+    ) -> None:
         self._settings = settings
-        self._cgroup = cgroup
+        self._isolation = isolation
+        self._lease = lease
+        self._cgroup = lease.cgroup if lease is not None else None
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._stdout: asyncio.ReadTransport | None = None
@@ -82,10 +89,18 @@ class ChildProcess:
         return not self._gone.done() and self.error is None
 
     @classmethod
-    async def spawn(cls, settings: Settings, *, cgroups: CgroupTree | None = None) -> ChildProcess:
-        """Start a child and wait until it reports ready."""
+    async def spawn(cls, settings: Settings, *, isolation: Isolation | None = None) -> ChildProcess:
+        """Start a child under its share of the isolation layers; wait until it is ready."""
         loop = asyncio.get_running_loop()
-        child = cls(settings, cgroups.new(settings.limit_processes) if cgroups else None)
+        lease = isolation.lease() if isolation is not None else None
+        child = cls(settings, isolation, lease)
+        confinement = lease.confinement if lease is not None else Confinement()
+        python = isolation.python if isolation is not None else settings.python
+        if isolation is not None:
+            argv = isolation.command(lease)
+        else:
+            argv = [python, "-I", settings.runner_path]
+        home = str(lease.workdir) if lease is not None else "/tmp"
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         os.set_blocking(out_r, False)  # the draining after a death must never wait
@@ -94,22 +109,20 @@ class ChildProcess:
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _ChildProtocol(child),
-                settings.python,
-                "-I",
-                settings.runner_path,
+                *argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,  # start-up failures land in the server's log
-                env=child_environment(settings, fds),
+                env=child_environment(settings, fds, home, python),
+                cwd=home,
                 pass_fds=fds,
                 start_new_session=True,  # own process group: killpg reaches grandchildren
-                preexec_fn=prepare_child,
+                preexec_fn=make_preexec(confinement),
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             os.close(out_r)
             os.close(err_r)
-            if child._cgroup is not None:
-                await child._cgroup.destroy()
+            await child._release()
             raise ChildStartError(f"could not start the Python process: {exc}") from exc
         finally:
             os.close(out_w)
@@ -284,8 +297,7 @@ class ChildProcess:
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         if self._gone.done():
             self._signal_group(signal.SIGKILL)  # grandchildren may outlive the child itself
-            if self._cgroup is not None:
-                await self._cgroup.destroy()
+            await self._release()
             return "already-gone"
         outcome: EndOutcome = "exited"
         if self._stdin is not None:
@@ -303,9 +315,13 @@ class ChildProcess:
         self._signal_group(signal.SIGKILL)
         if self._transport is not None:
             self._transport.close()
-        if self._cgroup is not None:
-            await self._cgroup.destroy()
+        await self._release()
         return outcome
+
+    async def _release(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None and self._isolation is not None:
+            await self._isolation.release(lease)
 
 
 def _group_members(pgid: int) -> list[int]:

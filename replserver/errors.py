@@ -19,5 +19,21 @@ class ShuttingDown(ReplError):
     """The server is stopping and takes no new work (503)."""
 
 
+class Unauthorized(ReplError):
+    """A token is configured and the request did not carry it (401)."""
+
+
+class TooManySessions(ReplError):
+    """Every live session is busy and the cap is reached (429)."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NothingToDo(ReplError):
+    """The request refers to something that is not there or not waiting (409)."""
+
+
 class ProtocolError(ReplError):
     """The child sent something that is not a valid frame; the child is ended."""

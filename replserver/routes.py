@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -11,18 +12,32 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, streaming
-from .errors import BadRequest, ChildStartError, ProtocolError, ReplError, ShuttingDown
+from .errors import (
+    BadRequest,
+    ChildStartError,
+    NothingToDo,
+    ProtocolError,
+    ReplError,
+    ShuttingDown,
+    TooManySessions,
+    Unauthorized,
+)
+from .isolation import Isolation
 from .manager import SessionManager
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 MANAGER = web.AppKey("manager", SessionManager)
+ISOLATION = web.AppKey("isolation", Isolation)
 SETTINGS = web.AppKey("settings", Settings)
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _STATUS: dict[type[ReplError], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
+    NothingToDo: 409,
+    TooManySessions: 429,
     ChildStartError: 503,
     ShuttingDown: 503,
     ProtocolError: 502,
@@ -37,6 +52,7 @@ def error_response(status: int, detail: str) -> web.Response:
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every error leaves as JSON `{"detail": ...}`, the shape the frontend reads."""
     try:
+        check_token(request)
         response: web.StreamResponse = await handler(request)
         return response
     except web.HTTPException as exc:
@@ -49,10 +65,34 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
                 resp.headers[name] = exc.headers[name]
         return resp
     except ReplError as exc:
-        return error_response(_STATUS.get(type(exc), 500), str(exc))
+        resp = error_response(_STATUS.get(type(exc), 500), str(exc))
+        if isinstance(exc, TooManySessions):
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+        elif isinstance(exc, Unauthorized):
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal server error")
+
+
+# Open without a token: the health check (load balancers, orchestrators) and the page,
+# which holds no secret and is where a token is typed in.
+OPEN_PATHS = frozenset({"/health", "/"})
+
+
+def check_token(request: web.Request) -> None:
+    """Bearer-token authentication, when REPL_API_TOKEN is set."""
+    token = request.app[SETTINGS].api_token
+    path = request.path
+    if not token or request.method == "OPTIONS" or path in OPEN_PATHS:
+        return  # CORS preflights carry no credentials by design
+    if path.startswith("/static/"):
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time comparison: response timing must not reveal how much of a guess matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("missing or invalid API token (send 'Authorization: Bearer <token>')")
 
 
 def session_id(request: web.Request) -> str:
@@ -92,7 +132,8 @@ async def read_request(request: web.Request) -> tuple[str, float | None]:
 async def execute(request: web.Request) -> web.Response:
     sid = session_id(request)
     code, timeout_s = await read_request(request)
-    run = await request.app[MANAGER].get(sid).start(code, timeout_s=timeout_s)
+    session = await request.app[MANAGER].get(sid)
+    run = await session.start(code, timeout_s=timeout_s)
     limit = request.app[SETTINGS].max_output_bytes
     return web.json_response(await streaming.collect(run, output_limit=limit))
 
@@ -100,7 +141,8 @@ async def execute(request: web.Request) -> web.Response:
 async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     code, timeout_s = await read_request(request)
-    run = await request.app[MANAGER].get(sid).start(code, timeout_s=timeout_s)
+    session = await request.app[MANAGER].get(sid)
+    run = await session.start(code, timeout_s=timeout_s)
     limit = request.app[SETTINGS].max_output_bytes
     return await streaming.stream(request, run, output_limit=limit)
 
@@ -128,6 +170,7 @@ async def health(request: web.Request) -> web.Response:
             "stateless": False,
             "timestamp": now,
             "sessions": len(request.app[MANAGER]),
+            "isolation": request.app[ISOLATION].layers.as_json(),
         }
     )
 

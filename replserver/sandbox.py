@@ -1,33 +1,102 @@
-"""Process attributes set between fork and exec of a child: parent death, subreaper, no_new_privs.
+"""What happens between fork and exec of a child: the confinement it runs under for life.
 
-They have to be set by the new process itself, and the child script should not pay for
-importing ctypes at every start, so the server's already-loaded libc does it in the fork.
-All three survive execve.
+These attributes have to be set by the new process itself, and the child script should not
+pay for importing ctypes at every start, so the server's already-loaded libc does it in the
+fork. Everything here survives execve; the one thing that does not (non-dumpable) the child
+sets itself at start-up.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .seccomp import SockFprog
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
+# A second function object (indexing is not cached): this one passes a pointer.
+_prctl_seccomp = _libc["prctl"]
+_prctl_seccomp.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_prctl_seccomp.restype = ctypes.c_int
+_unshare = _libc.unshare
+_unshare.argtypes = [ctypes.c_int]
+_unshare.restype = ctypes.c_int
 
 
-def prepare_child() -> None:
-    """Runs in the forked child before exec: keep it minimal and allocation-free."""
-    # Told when the server dies, even by SIGKILL. SIGTERM, not SIGKILL: the child's handler
-    # then kills its whole process group, so grandchildren do not outlive it either.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    # Orphans of user code (a shell's background job, a stopped fork loop) are re-parented
-    # to the child, which can reap them, instead of to a PID 1 that may not.
-    _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    # No setuid binary run by user code can gain privileges.
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """How one child is confined; None/False where a layer is off or unavailable."""
+
+    uid: int | None = None
+    gid: int | None = None
+    new_netns: bool = False
+    seccomp: SockFprog | None = None
+
+
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0 for this process: children running as our own uid (a non-root
+    server) must not read our memory or environment through /proc, nor ptrace us."""
+    if _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        _fail("prctl(PR_SET_DUMPABLE)")
+
+
+def _fail(step: str) -> None:
+    # In the fork, before exec: the only way to report is the exit status, and Popen turns
+    # an exception raised here into a SubprocessError in the server.
+    err = ctypes.get_errno()
+    raise OSError(err, f"{step}: {os.strerror(err)}")
+
+
+def make_preexec(confinement: Confinement) -> Callable[[], None]:
+    """The function Popen runs in the forked child; everything it needs is prepared here."""
+    uid, gid = confinement.uid, confinement.gid
+    new_netns = confinement.new_netns
+    seccomp = confinement.seccomp
+    seccomp_addr = ctypes.addressof(seccomp) if seccomp is not None else 0
+
+    def prepare() -> None:
+        # A network namespace of its own, with only a loopback that is down: needs root,
+        # so before the privileges go.
+        if new_netns and _unshare(CLONE_NEWNET) != 0:
+            _fail("unshare(CLONE_NEWNET)")
+        if uid is not None and gid is not None:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        # After the uid change, which clears it: the server's death (even by SIGKILL) is
+        # signalled with SIGTERM, on which the child kills its whole process group.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # Orphans of user code (a shell's background job, a stopped fork loop) are
+        # re-parented to the child, which reaps them, instead of to a PID 1 that may not.
+        _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        # No setuid binary run by user code gains privileges; also what seccomp requires.
+        if _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+        if (
+            seccomp_addr
+            and _prctl_seccomp(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, seccomp_addr, 0, 0) != 0
+        ):
+            _fail("prctl(PR_SET_SECCOMP)")
+
+    return prepare

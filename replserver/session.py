@@ -7,10 +7,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .cgroup import CgroupTree
 from .child import ChildProcess
 from .errors import ShuttingDown
 from .execution import Execution
+from .isolation import Isolation
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ class Session:
     """Runs one session's requests one at a time, in arrival order, in its own child."""
 
     def __init__(
-        self, session_id: str, *, settings: Settings, cgroups: CgroupTree | None = None
+        self, session_id: str, *, settings: Settings, isolation: Isolation | None = None
     ) -> None:
         self.id = session_id
         self._settings = settings
-        self._cgroups = cgroups
+        self._isolation = isolation
         self._child: ChildProcess | None = None
         # asyncio.Lock wakes waiters first-in first-out: requests run in arrival order.
         # The lock is held from sending the code until the child's completion frame, and
@@ -58,6 +58,15 @@ class Session:
     @property
     def running(self) -> bool:
         return self._current is not None
+
+    @property
+    def busy(self) -> bool:
+        """Running, or requests wait for it: not to be evicted."""
+        return self._current is not None or self.queued > 0 or self._lock.locked()
+
+    def lost_state(self, reason: str) -> None:
+        """The next reply says earlier state is gone, and why (eviction, idle culling)."""
+        self._lost_state = reason
 
     async def start(self, code: str, *, timeout_s: float | None = None) -> Run:
         """Wait for our turn, make sure a child is up, send it `code`."""
@@ -149,7 +158,7 @@ class Session:
             self._lost_state = child.error or "the session's Python process ended"
             self._child = None
             await child.end(0)
-        child = await ChildProcess.spawn(self._settings, cgroups=self._cgroups)
+        child = await ChildProcess.spawn(self._settings, isolation=self._isolation)
         if self.closed:
             await child.end()
             raise ShuttingDown("the session was closed while starting")

@@ -46,6 +46,20 @@ class Settings:
     limit_processes: int = 256
     # "auto": a pids cgroup per child where the server may create one; "off": never.
     cgroups: str = "auto"
+    # Isolation (SECURITY.md). "none": no network for user code; "host": the host's.
+    network: str = "none"
+    # Children of a root server run as distinct uids from this range (gid = uid).
+    uid_range: str = "61000-64999"
+    # Where per-child private working directories are made ("" = the system temp dir).
+    work_dir: str = ""
+    # Run each child under bubblewrap (read-only root, private /tmp) where bwrap exists.
+    bubblewrap: bool = False
+    bubblewrap_path: str = "bwrap"
+    # Refuse to start when a configured isolation layer cannot be put in place.
+    require_isolation: bool = False
+    # API access.
+    api_token: str = ""
+    max_sessions: int = 64
     python: str = sys.executable
     runner_path: str = field(default_factory=default_runner_path)
     spawn_timeout_s: float = 20.0
@@ -55,6 +69,14 @@ class Settings:
     @property
     def development(self) -> bool:
         return self.environment == "development"
+
+    @property
+    def uids(self) -> tuple[int, int]:
+        first, _, last = self.uid_range.partition("-")
+        try:
+            return int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"REPL_UID_RANGE={self.uid_range!r} is not FIRST-LAST") from None
 
     @property
     def rlimits(self) -> dict[str, int]:
@@ -71,6 +93,13 @@ class Settings:
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_timeout_s < self.timeout_s:
             raise ValueError("need 0 < REPL_TIMEOUT_S <= REPL_MAX_TIMEOUT_S")
+        if self.network not in ("none", "host"):
+            raise ValueError("REPL_NETWORK must be 'none' or 'host'")
+        first, last = self.uids
+        if not 0 < first <= last:
+            raise ValueError("REPL_UID_RANGE must be FIRST-LAST with 0 < FIRST <= LAST")
+        if self.max_sessions < 1:
+            raise ValueError("REPL_MAX_SESSIONS must be at least 1")
         if self.cgroups not in ("auto", "off"):
             raise ValueError("REPL_CGROUPS must be 'auto' or 'off'")
         if self.max_body_bytes >= self.max_frame_bytes:
@@ -93,8 +122,13 @@ class Settings:
 
 def _parse(name: str, var: str, raw: str, type_name: str) -> object:
     try:
-        if type_name == "int":
-            value: object = int(raw)
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in _BOOLS:
+                raise ValueError
+            value: object = _BOOLS[lowered]
+        elif type_name == "int":
+            value = int(raw)
         elif type_name == "float":
             value = float(raw)
         elif type_name.startswith("tuple"):
@@ -107,6 +141,17 @@ def _parse(name: str, var: str, raw: str, type_name: str) -> object:
         raise ValueError(f"{var} must not be negative, got {raw!r}")
     return value
 
+
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 # Field name -> environment variable. The README's configuration table lists the same.
 ENV_VARS: dict[str, str] = {
@@ -127,6 +172,14 @@ ENV_VARS: dict[str, str] = {
     "limit_open_files": "REPL_LIMIT_OPEN_FILES",
     "limit_processes": "REPL_LIMIT_PROCESSES",
     "cgroups": "REPL_CGROUPS",
+    "network": "REPL_NETWORK",
+    "uid_range": "REPL_UID_RANGE",
+    "work_dir": "REPL_WORK_DIR",
+    "bubblewrap": "REPL_BUBBLEWRAP",
+    "bubblewrap_path": "REPL_BUBBLEWRAP_PATH",
+    "require_isolation": "REPL_REQUIRE_ISOLATION",
+    "api_token": "REPL_API_TOKEN",
+    "max_sessions": "REPL_MAX_SESSIONS",
     "python": "REPL_PYTHON",
     "runner_path": "REPL_RUNNER_PATH",
     "spawn_timeout_s": "REPL_SPAWN_TIMEOUT_S",

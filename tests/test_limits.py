@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from replserver.routes import MANAGER
+from replserver.routes import ISOLATION
 
 from .conftest import Client, MakeClient, execute, parse_sse
 
@@ -255,13 +255,13 @@ async def test_reset_kills_the_whole_process_group(guarded: Client) -> None:
     assert all(pid_alive(pid) for pid in pids)
     assert (await guarded.post("/reset/grp")).status == 200
     assert not await still_alive(pids[:1])
-    if guarded.app[MANAGER].cgroups is not None:
+    if guarded.app[ISOLATION].cgroups is not None:
         # Escaped its process group with setsid, but not its cgroup.
         assert not await still_alive(pids[1:])
 
 
 async def test_fork_bomb_is_bounded_by_the_pids_cgroup(guarded: Client) -> None:
-    if guarded.app[MANAGER].cgroups is None:
+    if guarded.app[ISOLATION].cgroups is None:
         pytest.skip("no pids cgroup can be created here: a fork bomb as root would be unbounded")
     await execute(guarded, "bomb", "marker = 'kept'")
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"

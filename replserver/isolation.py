@@ -1,0 +1,216 @@
+"""Which isolation layers this server can apply, and one lease of them per child.
+
+A lease is what one child runs under for its whole life: an unprivileged uid of its own
+(when the server is root), a private working directory, a pids cgroup, a network
+namespace and/or a seccomp filter. Leases are released only after every process of the
+child is dead, so a uid or directory is never handed on while something still uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cgroup import CgroupTree, ChildCgroup
+from .errors import ChildStartError
+from .sandbox import Confinement, make_undumpable
+from .seccomp import SockFprog, compile_filter
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Lease:
+    """One child's share of the isolation layers."""
+
+    uid: int | None
+    workdir: Path
+    cgroup: ChildCgroup | None
+    confinement: Confinement
+
+
+@dataclass
+class Layers:
+    """What is in force, as /health reports it (verified by a probe child at start-up)."""
+
+    uid_separation: bool = False
+    network_namespace: bool = False
+    seccomp: bool = False
+    bubblewrap: bool = False
+    pids_cgroup: bool = False
+    rlimits: bool = True
+    non_dumpable: bool = False
+    private_workdir: bool = True
+    minimal_environment: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "uidSeparation": self.uid_separation,
+            "networkNamespace": self.network_namespace,
+            "seccomp": self.seccomp,
+            "bubblewrap": self.bubblewrap,
+            "pidsCgroup": self.pids_cgroup,
+            "rlimits": self.rlimits,
+            "nonDumpable": self.non_dumpable,
+            "privateWorkdir": self.private_workdir,
+            "minimalEnvironment": self.minimal_environment,
+            "notes": list(self.notes),
+        }
+
+
+class Isolation:
+    """Hands out leases and knows which layers are configured and which are active."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.root = os.geteuid() == 0
+        make_undumpable()
+        first, last = settings.uids
+        self._free_uids = list(range(last, first - 1, -1)) if self.root else []
+        self._seccomp: SockFprog | None = None
+        self.netns = False
+        if settings.network == "none":
+            self._seccomp = compile_filter()
+            self.netns = self.root
+        self.cgroups = CgroupTree.create() if settings.cgroups == "auto" else None
+        self.bwrap = shutil.which(settings.bubblewrap_path) if settings.bubblewrap else None
+        base = Path(settings.work_dir or tempfile.gettempdir())
+        self.work_base = base / f"replserver-{os.getpid()}-{secrets.token_hex(4)}"
+        # 0711: children may enter their own directory below but not list the others.
+        self.work_base.mkdir(mode=0o711, parents=True)
+        self.work_base.chmod(0o711)
+        # What the children execute. Under a dropped uid the installed script may sit where
+        # that uid cannot read (a checkout under /root, say): children get a copy here.
+        self.python = settings.python
+        self.runner_path = settings.runner_path
+        if self.root:
+            copy = self.work_base / "runner_child.py"
+            shutil.copyfile(settings.runner_path, copy)
+            copy.chmod(0o644)
+            self.runner_path = str(copy)
+        self.layers = Layers(
+            uid_separation=self.root,
+            network_namespace=self.netns,
+            seccomp=self._seccomp is not None,
+            pids_cgroup=self.cgroups is not None,
+        )
+        if not self.root:
+            self.layers.notes.append(
+                "the server is not root: children run as the server's own user, so sessions"
+                " are separated by processes and directories only, not by uid"
+            )
+        if settings.bubblewrap and self.bwrap is None:
+            self.layers.notes.append(
+                f"REPL_BUBBLEWRAP is on but {settings.bubblewrap_path} is missing"
+            )
+        if settings.network == "host":
+            self.layers.notes.append("REPL_NETWORK=host: user code has the host's network")
+
+    def fall_back_to_base_python(self) -> bool:
+        """The children's uid cannot run the configured interpreter (a virtual environment
+        under a private home, say): use the interpreter it links to, without the venv's
+        packages. False if there is nothing else to try."""
+        candidates = (self.python, getattr(sys, "_base_executable", ""))
+        real = next((r for c in candidates if c and (r := os.path.realpath(c)) != self.python), "")
+        if not real:
+            return False
+        log.warning(
+            "children cannot run %s as their uid; using %s (without that environment's"
+            " packages) -- install the server where other users can read it",
+            self.python,
+            real,
+        )
+        self.python = real
+        self.layers.notes.append(f"children run {real}: the server's environment is unreadable")
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Isolation root={self.root} free_uids={len(self._free_uids)} {self.cgroups!r}>"
+
+    def lease(self) -> Lease:
+        """Everything one new child needs; raises ChildStartError when uids run out."""
+        uid = None
+        if self.root:
+            if not self._free_uids:
+                raise ChildStartError("no free uid left in REPL_UID_RANGE for a new session")
+            uid = self._free_uids.pop()
+        workdir = self.work_base / f"s-{secrets.token_hex(8)}"
+        try:
+            workdir.mkdir(mode=0o700)
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+        except OSError as exc:
+            if uid is not None:
+                self._free_uids.append(uid)
+            raise ChildStartError(f"could not create the session's directory: {exc}") from exc
+        cgroup = self.cgroups.new(self._settings.limit_processes) if self.cgroups else None
+        confinement = Confinement(uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp)
+        return Lease(uid=uid, workdir=workdir, cgroup=cgroup, confinement=confinement)
+
+    def command(self, lease: Lease | None) -> list[str]:
+        """The child's command line: the runner, inside bubblewrap when that is on."""
+        child = [self.python, "-I", self.runner_path]
+        if self.bwrap is None or lease is None:
+            return child
+        home = str(lease.workdir)
+        # Read-only root, private /tmp and /dev, its own /proc and pid namespace; only the
+        # session's directory is writable. --die-with-parent and the pid namespace take
+        # every process of the sandbox down with it.
+        return [
+            self.bwrap,
+            *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"),
+            *("--bind", home, home, "--ro-bind", self.runner_path, self.runner_path),
+            *("--unshare-pid", "--die-with-parent", "--chdir", home, "--"),
+            *child,
+        ]
+
+    async def release(self, lease: Lease) -> None:
+        """Give the lease back once the child's processes are gone (or make them so)."""
+        if lease.cgroup is not None:
+            await lease.cgroup.destroy()
+        elif lease.uid is not None:
+            # Without a cgroup, a process that left the child's process group (setsid)
+            # could still run as this uid: kill everything of the uid before reusing it.
+            await asyncio.to_thread(_kill_uid, lease.uid)
+        await asyncio.to_thread(shutil.rmtree, lease.workdir, True)
+        if lease.uid is not None:
+            self._free_uids.insert(0, lease.uid)  # reused last: least recently used first
+
+    async def close(self) -> None:
+        if self.cgroups is not None:
+            await self.cgroups.remove()
+            self.cgroups = None
+        await asyncio.to_thread(shutil.rmtree, self.work_base, True)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process whose real uid is `uid` (a /proc scan; bounded)."""
+    for _ in range(10):
+        found = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                # The real uid from status: /proc/<pid> itself is root's for a
+                # non-dumpable process, which would hide it from a stat().
+                with open(f"/proc/{entry.name}/status") as f:
+                    line = next(line for line in f if line.startswith("Uid:"))
+                if int(line.split()[1]) != uid:
+                    continue
+                os.kill(int(entry.name), signal.SIGKILL)
+                found = True
+            except (OSError, StopIteration, ValueError):
+                continue
+        if not found:
+            return

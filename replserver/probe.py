@@ -1,0 +1,96 @@
+"""At start-up, run one child under full confinement and see which layers really hold.
+
+Configured is not the same as in force: a container may refuse namespaces, a kernel may
+lack seccomp. The probe child reports what it observes from the inside, and /health shows
+that, not the configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from .errors import ChildStartError
+from .execution import T_STDOUT
+from .isolation import Isolation, Layers
+from .session import Session
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROBE_CODE = """\
+import json, os, socket
+seen = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+# A non-dumpable process's /proc files belong to root, whatever its own uid.
+seen["procOwner"] = os.stat("/proc/self/mem").st_uid
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    seen["inet"] = "allowed"
+except PermissionError:
+    seen["inet"] = "refused"
+seen["netns"] = os.readlink("/proc/self/ns/net")
+seen["cwdMode"] = oct(os.stat(".").st_mode & 0o777)
+seen["rootReadOnly"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+print(json.dumps(seen))
+"""
+
+
+async def verify(settings: Settings, isolation: Isolation) -> Layers:
+    """Update isolation.layers from what a confined child observes; raise if required
+    layers are missing (REPL_REQUIRE_ISOLATION)."""
+    layers = isolation.layers
+    try:
+        out = await _run_probe(settings, isolation)
+    except ChildStartError as exc:
+        if "Permission denied" not in str(exc) or not isolation.fall_back_to_base_python():
+            raise RuntimeError(f"cannot start a confined child: {exc}") from exc
+        out = await _run_probe(settings, isolation)
+    try:
+        seen = json.loads(out)
+    except ValueError:
+        raise RuntimeError(f"the isolation probe child failed: {out[-500:]!r}") from None
+    me = os.getuid()
+    layers.uid_separation = isolation.root and seen["uid"] not in (0, me) and not seen["groups"]
+    layers.non_dumpable = seen["uid"] != 0 and seen["procOwner"] != seen["uid"]
+    layers.network_namespace = seen["netns"] != os.readlink("/proc/self/ns/net")
+    layers.seccomp = seen["inet"] == "refused"
+    layers.private_workdir = seen["cwdMode"] == "0o700"
+    layers.bubblewrap = isolation.bwrap is not None and seen["rootReadOnly"]
+    log.info("isolation in force: %s", layers.as_json())
+    missing = missing_layers(settings, layers)
+    if missing:
+        message = "required isolation layers are not in force: " + ", ".join(missing)
+        if settings.require_isolation:
+            raise RuntimeError(message + " (REPL_REQUIRE_ISOLATION=1)")
+        log.warning("%s", message)
+        layers.notes.append(message)
+    return layers
+
+
+async def _run_probe(settings: Settings, isolation: Isolation) -> bytes:
+    session = Session("isolation-probe", settings=settings, isolation=isolation)
+    try:
+        run = await session.start(PROBE_CODE, timeout_s=10)
+        out = bytearray()
+        async for batch in run.execution.batches():
+            for kind, data in batch:
+                if kind == T_STDOUT:
+                    out += data
+        return bytes(out)
+    finally:
+        await session.close()
+
+
+def missing_layers(settings: Settings, layers: Layers) -> list[str]:
+    """The configured layers that the probe did not find in force."""
+    missing = []
+    if not layers.uid_separation:
+        missing.append("uid separation (the server must run as root to drop privileges)")
+    if not layers.non_dumpable:
+        missing.append("non-dumpable children")
+    if settings.network == "none" and not (layers.network_namespace or layers.seccomp):
+        missing.append("network isolation (neither a network namespace nor seccomp)")
+    if settings.bubblewrap and not layers.bubblewrap:
+        missing.append("bubblewrap")
+    return missing

@@ -1,0 +1,425 @@
+"""Attacks from user code on other sessions, the server and the network; each must fail.
+
+The same attacks run against a server as root (children drop to a uid each) and, where the
+checkout is readable by an unprivileged user, against a server running as `nobody`. Where
+a layer is not available here, its test is skipped with the reason, never passed blind.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import MakeClient, execute
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+CANARY_NAME = "REPL_TEST_CANARY"
+CANARY = "canary-" + secrets.token_hex(8)
+
+Run = Callable[[str, str], Awaitable[dict[str, Any]]]
+
+
+class Target:
+    """A server under attack: how to run code in a session, and what it runs as."""
+
+    def __init__(self, run: Run, *, root: bool, layers: dict[str, Any], port: int) -> None:
+        self.run = run
+        self.root = root
+        self.layers = layers
+        self.port = port
+
+    async def out(self, sid: str, code: str) -> str:
+        reply = await self.run(sid, code)
+        assert reply["returnCode"] == 0, reply
+        text: str = reply["output"]
+        return text
+
+    def require(self, layer: str, why: str) -> None:
+        if not self.layers.get(layer):
+            pytest.skip(f"{layer} is not in force on this server: {why}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def root_target(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Target]:
+    """The app in this process, as root: children drop to a uid of their own."""
+    if os.geteuid() != 0:
+        pytest.skip("these tests run the server as root; this test run is not root")
+    # The canary sits in the server's environment (this process) while the app runs.
+    monkeypatch.setenv(CANARY_NAME, CANARY)
+    client = await make_client()
+
+    async def run(sid: str, code: str) -> dict[str, Any]:
+        return await execute(client, sid, code)
+
+    layers = (await (await client.get("/health")).json())["isolation"]
+    assert client.port is not None
+    yield Target(run, root=True, layers=layers, port=client.port)
+
+
+@asynccontextmanager
+async def nobody_target() -> AsyncIterator[Target]:
+    """`python -m replserver` run as the unprivileged user `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a server as nobody needs root")
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import replserver, runner_child",
+        preexec_fn=_as_nobody,
+        cwd="/",
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    if await probe.wait() != 0:
+        pytest.skip(
+            "this checkout or its venv is not readable by nobody: cannot run a server as it"
+        )
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        CANARY_NAME: CANARY,
+        "REPL_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "replserver",
+        "--port",
+        str(port),
+        env=env,
+        cwd="/",
+        preexec_fn=_as_nobody,
+        start_new_session=True,
+    )
+    http = aiohttp.ClientSession()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    async with http.get(f"{base}/health") as resp:
+                        layers = (await resp.json())["isolation"]
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+
+        async def run(sid: str, code: str) -> dict[str, Any]:
+            async with http.post(f"{base}/execute/{sid}", json={"code": code}) as resp:
+                assert resp.status == 200, await resp.text()
+                body: dict[str, Any] = await resp.json()
+                return body
+
+        yield Target(run, root=False, layers=layers, port=port)
+    finally:
+        await http.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+@pytest.fixture(params=["root", "nobody"])
+async def target(
+    request: pytest.FixtureRequest, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Target]:
+    root = request.param == "root"
+    async with root_target(make_client, monkeypatch) if root else nobody_target() as attacked:
+        yield attacked
+
+
+@pytest.fixture
+async def root_only(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Target]:
+    async with root_target(make_client, monkeypatch) as attacked:
+        yield attacked
+
+
+PID = "import os\nprint(os.getpid())"
+
+
+async def test_other_sessions_variables_are_out_of_reach(target: Target) -> None:
+    secret = "secret-" + secrets.token_hex(6)
+    await target.out("victim", f"secret = {secret!r}")
+    # The victim's variable is `secret`; the attacker defines no such name itself.
+    code = (
+        "import gc, sys\n"
+        "hits = [o for o in gc.get_objects() if isinstance(o, dict) and 'secret' in o]\n"
+        "hits += [m for m in list(sys.modules.values()) if hasattr(m, 'secret')]\n"
+        "print(len(hits))"
+    )
+    assert await target.out("attacker", code) == "0\n"
+    # The same search finds it in the victim's own process: the probe can see.
+    assert await target.out("victim", code) != "0\n"
+
+
+async def test_other_childs_proc_environ_and_mem_are_refused(target: Target) -> None:
+    victim = int(await target.out("victim", PID))
+    code = (
+        "for name in ('environ', 'mem', 'maps'):\n"
+        "    try:\n"
+        f"        open('/proc/{victim}/' + name, 'rb').read(16)\n"
+        "        print(name, 'READ')\n"
+        "    except OSError as exc:\n"
+        "        print(name, type(exc).__name__)"
+    )
+    out = await target.out("attacker", code)
+    assert "READ" not in out, out
+    assert out.count("PermissionError") == 3, out
+
+
+async def test_killing_another_sessions_child_is_refused(target: Target) -> None:
+    target.require("uidSeparation", "children of a non-root server share its uid")
+    victim = int(await target.out("victim", "import os\nmarker = 1\nprint(os.getpid())"))
+    code = (
+        f"import os, signal\ntry:\n    os.kill({victim}, signal.SIGKILL)\n    print('KILLED')\n"
+        "except PermissionError:\n    print('refused')"
+    )
+    assert await target.out("attacker", code) == "refused\n"
+    assert await target.out("victim", "print(marker)") == "1\n"
+
+
+async def test_other_sessions_directory_is_private(target: Target) -> None:
+    home = (
+        await target.out(
+            "victim", "import os\nopen('notes.txt', 'w').write('x')\nprint(os.getcwd())"
+        )
+    ).strip()
+    code = (
+        "import os\n"
+        f"home = {home!r}\n"
+        "for attempt in (lambda: os.listdir(home), lambda: open(home + '/notes.txt').read(),"
+        " lambda: os.listdir(os.path.dirname(home))):\n"
+        "    try:\n"
+        "        attempt()\n"
+        "        print('OPEN')\n"
+        "    except OSError as exc:\n"
+        "        print(type(exc).__name__)"
+    )
+    out = await target.out("attacker", code)
+    if not target.root:
+        # One uid for every child: 0700 directories do not separate sessions (README).
+        pytest.skip(f"same uid for all sessions (non-root server); attempts gave {out.split()}")
+    assert out.split() == ["PermissionError"] * 3
+
+
+async def test_server_environment_does_not_leak(target: Target) -> None:
+    code = (
+        "import os\n"
+        f"name, value = {CANARY_NAME!r}, {CANARY!r}\n"
+        "print('env', name in os.environ)\n"
+        "for path in (f'/proc/{os.getppid()}/environ', '/proc/1/environ'):\n"
+        "    try:\n"
+        "        print(path.split('/')[2], value.encode() in open(path, 'rb').read())\n"
+        "    except OSError as exc:\n"
+        "        print(path.split('/')[2], type(exc).__name__)"
+    )
+    out = await target.out("curious", code)
+    assert "True" not in out, out
+    assert out.startswith("env False\n")
+
+
+async def test_network_is_unreachable(target: Target) -> None:
+    if not (target.layers["networkNamespace"] or target.layers["seccomp"]):
+        pytest.skip("neither a network namespace nor seccomp is in force here")
+    listener = socket.create_server(("127.0.0.1", 0))
+    other_port = listener.getsockname()[1]
+    code = (
+        "import socket\n"
+        f"for port in ({target.port}, {other_port}):\n"
+        "    try:\n"
+        "        socket.create_connection(('127.0.0.1', port), timeout=2).close()\n"
+        "        print('CONNECTED')\n"
+        "    except OSError as exc:\n"
+        "        print(type(exc).__name__)\n"
+        "try:\n"
+        "    socket.socket(socket.AF_UNIX).close()\n"
+        "    print('unix ok')\n"
+        "except OSError as exc:\n"
+        "    print('unix', type(exc).__name__)"
+    )
+    try:
+        out = await target.out("netcat", code)
+    finally:
+        listener.close()
+    assert "CONNECTED" not in out
+    lines = out.split()
+    if target.layers["seccomp"]:
+        assert lines[:2] == ["PermissionError", "PermissionError"], out
+    assert out.endswith("unix ok\n"), out  # local IPC within the session still works
+
+
+async def test_network_namespace_has_only_a_loopback(target: Target) -> None:
+    target.require("networkNamespace", "a network namespace needs root")
+    out = await target.out("ns", "print(open('/proc/net/dev').read())")
+    interfaces = [line.split(":")[0].strip() for line in out.splitlines()[2:] if ":" in line]
+    assert interfaces == ["lo"], out
+
+
+async def test_user_code_is_not_root_and_cannot_gain_privileges(target: Target) -> None:
+    code = (
+        "import os\n"
+        "print(os.getuid(), os.geteuid(), os.getgroups())\n"
+        "status = open('/proc/self/status').read().splitlines()\n"
+        "print([line.split()[1] for line in status if line.startswith('NoNewPrivs')][0])\n"
+        "try:\n"
+        "    os.setuid(0)\n"
+        "    print('ROOT')\n"
+        "except PermissionError:\n"
+        "    print('refused')"
+    )
+    uid_line, no_new_privs, verdict = (await target.out("climber", code)).splitlines()
+    uid, euid, groups = uid_line.split(" ", 2)
+    assert uid != "0" and euid != "0" and verdict == "refused"
+    assert no_new_privs == "1"
+    if target.root:
+        assert groups == "[]"
+
+
+async def test_children_are_not_dumpable(target: Target) -> None:
+    target.require("nonDumpable", "the probe found children dumpable")
+    code = "import os\nprint(os.stat('/proc/self/mem').st_uid != os.getuid())"
+    assert await target.out("dump", code) == "True\n"
+
+
+async def test_layers_reported(target: Target) -> None:
+    layers = target.layers
+    assert layers["rlimits"] is True and layers["minimalEnvironment"] is True
+    if target.root:
+        assert layers["uidSeparation"] is True and layers["nonDumpable"] is True
+    else:
+        assert layers["uidSeparation"] is False
+        assert any("not root" in note for note in layers["notes"])
+    assert layers["networkNamespace"] or layers["seccomp"]
+
+
+async def test_distinct_uids_per_live_session(root_only: Target) -> None:
+    uids = {await root_only.out(f"u{i}", "import os\nprint(os.getuid())") for i in range(3)}
+    assert len(uids) == 3
+
+
+async def test_reset_removes_the_session_directory(make_client: MakeClient) -> None:
+    client = await make_client()
+    where = "import os\nprint(os.getcwd())"
+    home = Path((await execute(client, "tidy", where))["output"].strip())
+    assert home.is_dir()
+    assert (await client.post("/reset/tidy")).status == 200
+    assert not home.exists()
+    fresh = Path((await execute(client, "tidy", where))["output"].strip())
+    assert fresh != home and fresh.is_dir()
+    if os.geteuid() == 0:
+        assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+async def test_require_isolation_refuses_to_start(tmp_path: Path) -> None:
+    # bubblewrap is configured but its binary is missing: a required layer cannot be had.
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "REPL_REQUIRE_ISOLATION": "1",
+        "REPL_BUBBLEWRAP": "1",
+        "REPL_BUBBLEWRAP_PATH": "/nonexistent/bwrap",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "replserver",
+        "--port",
+        str(free_port()),
+        env=env,
+        cwd=REPO_ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"required isolation layers are not in force: bubblewrap" in err
+
+
+async def test_token_is_required_when_configured(make_client: MakeClient) -> None:
+    client = await make_client(api_token="s3cret-token")
+    health = await client.get("/health")
+    assert health.status == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+        resp = await client.post("/execute/t", json={"code": "print(1)"}, headers=headers)
+        assert resp.status == 401
+        assert "token" in (await resp.json())["detail"]
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+    for path in ("/reset/t", "/interrupt/t", "/execute-stream/t"):
+        assert (await client.post(path, json={"code": "1"})).status == 401
+    ok = await client.post(
+        "/execute/t", json={"code": "print(1)"}, headers={"Authorization": "Bearer s3cret-token"}
+    )
+    assert ok.status == 200 and (await ok.json())["output"] == "1\n"
+
+
+async def test_session_cap_evicts_idle_then_refuses(make_client: MakeClient) -> None:
+    client = await make_client(max_sessions=2)
+    await execute(client, "a", "marker = 'a'")
+    await execute(client, "b", "marker = 'b'")
+    await execute(client, "c", "marker = 'c'")  # evicts a, the least recently used idle one
+    again = await execute(client, "a", "print(globals().get('marker', 'gone'))")
+    assert again["output"] == "gone\n" and again["restarted"] is True  # evicts b
+    # Both live sessions busy: a third id is refused until one is free.
+    busy = [asyncio.create_task(execute(client, sid, "import time\ntime.sleep(1)")) for sid in "ac"]
+    await asyncio.sleep(0.3)
+    refused = await client.post("/execute/d", json={"code": "1"})
+    assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+    assert "busy" in (await refused.json())["detail"]
+    await asyncio.gather(*busy)
+    assert (await execute(client, "d", "print('in')"))["output"] == "in\n"
+
+
+async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: MakeClient) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) is not installed here")
+    client = await make_client(bubblewrap=True, require_isolation=os.geteuid() == 0)
+    layers = (await (await client.get("/health")).json())["isolation"]
+    assert layers["bubblewrap"] is True
+    marker = "escape-" + secrets.token_hex(4)
+    code = (
+        "import os\n"
+        "open('mine.txt', 'w').write('ok')\n"
+        f"for path in ('/usr/{marker}', '/etc/{marker}', '/{marker}'):\n"
+        "    try:\n"
+        "        open(path, 'w').write('x')\n"
+        "        print('WROTE', path)\n"
+        "    except OSError as exc:\n"
+        "        print(type(exc).__name__)\n"
+        f"open('/tmp/{marker}', 'w').write('private')\n"
+        "print(sorted(os.listdir('/tmp')))"
+    )
+    reply = await execute(client, "boxed", code)
+    lines = reply["output"].splitlines()
+    assert lines[:3] == ["OSError"] * 3, lines  # EROFS: a read-only root
+    assert not any(Path(p).exists() for p in (f"/usr/{marker}", f"/etc/{marker}", f"/{marker}"))
+    assert not Path(f"/tmp/{marker}").exists()  # its /tmp is a private tmpfs
+    # Its /tmp holds its own file and the path down to its directory, nothing else.
+    listing = ast.literal_eval(lines[3])
+    assert len(listing) == 2 and any(name.startswith("replserver-") for name in listing)
