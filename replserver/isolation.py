@@ -164,12 +164,16 @@ class Isolation:
         if self.bwrap is None or lease is None:
             return child
         home = str(lease.workdir)
+        # The interpreter's environment (a venv, maybe itself under /tmp) must stay visible
+        # through the private /tmp.
+        env_root = str(Path(self.python).parent.parent)
         # Read-only root, private /tmp and /dev, its own /proc and pid namespace; only the
         # session's directory is writable. --die-with-parent and the pid namespace take
         # every process of the sandbox down with it.
         return [
             self.bwrap,
             *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"),
+            *("--ro-bind", env_root, env_root),
             *("--bind", home, home, "--ro-bind", self.runner_path, self.runner_path),
             *("--unshare-pid", "--die-with-parent", "--chdir", home, "--"),
             *child,
