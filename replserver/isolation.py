@@ -164,16 +164,17 @@ class Isolation:
         if self.bwrap is None or lease is None:
             return child
         home = str(lease.workdir)
-        # The interpreter's environment (a venv, maybe itself under /tmp) must stay visible
+        # The interpreter's environment (a venv), if it lives under /tmp, must stay visible
         # through the private /tmp.
-        env_root = str(Path(self.python).parent.parent)
+        env_root = os.path.realpath(Path(self.python).parent.parent)
+        keep = ("--ro-bind", env_root, env_root) if env_root.startswith("/tmp/") else ()
         # Read-only root, private /tmp and /dev, its own /proc and pid namespace; only the
         # session's directory is writable. --die-with-parent and the pid namespace take
         # every process of the sandbox down with it.
         return [
             self.bwrap,
             *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"),
-            *("--ro-bind", env_root, env_root),
+            *keep,
             *("--bind", home, home, "--ro-bind", self.runner_path, self.runner_path),
             *("--unshare-pid", "--die-with-parent", "--chdir", home, "--"),
             *child,
