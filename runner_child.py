@@ -52,13 +52,16 @@ def encode_frame(kind: int, payload: bytes) -> bytes:
 class Runner:
     """The session's interpreter state and the loop serving execute requests."""
 
-    def __init__(self, proto_in: int, proto_out: int, max_frame: int, output_fds: str = "") -> None:
+    def __init__(
+        self, proto_in: int, proto_out: int, max_frame: int, usage: Usage, output_fds: str = ""
+    ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.max_frame = max_frame
         self.count = 0
         self.running = False  # SIGINT raises KeyboardInterrupt only while user code runs
         self.forked = False  # True in a process user code made with os.fork()
+        self.usage = usage
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
         self.lock = threading.Lock()  # one writer of frames at a time, and drain order
@@ -266,6 +269,7 @@ class Runner:
         name = f"<cell-{self.count}>"
         self.sources[name] = code
         return_code, reason, note = 0, REASON_OK, ""
+        self.usage.start()
         try:
             self.running = True
             try:
@@ -339,10 +343,13 @@ class Runner:
                 stream.flush()
             except BaseException:  # noqa: BLE001 - user may have replaced or closed it
                 pass
+        cpu_us, peak_rss = self.usage.stop()
         payload = (
             return_code.to_bytes(4, "big", signed=True)
             + self.count.to_bytes(4, "big")
             + bytes((reason,))
+            + cpu_us.to_bytes(8, "big")
+            + peak_rss.to_bytes(8, "big")
             + note.encode("utf-8", "backslashreplace")
         )
         with self.lock:
@@ -378,6 +385,51 @@ def apply_limits(spec: str) -> None:
         resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (limit, limit))
 
 
+class Usage:
+    """CPU time and peak memory of one execution, for the completion frame (~8 us).
+
+    The /proc/self files are opened before the process turns non-dumpable, after which they
+    belong to root and could not be opened for writing.
+    """
+
+    def __init__(self) -> None:
+        import resource
+
+        self._getrusage = resource.getrusage
+        self._self, self._children = resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN
+        try:
+            self._status = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+            self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self._status = self._clear_refs = -1
+        self._cpu0 = 0.0
+
+    def _cpu(self) -> float:
+        mine, kids = self._getrusage(self._self), self._getrusage(self._children)
+        return mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def start(self) -> None:
+        self._cpu0 = self._cpu()
+        if self._clear_refs >= 0:
+            try:
+                os.write(self._clear_refs, b"5")  # reset the peak RSS (VmHWM) to now
+            except OSError:
+                pass
+
+    def stop(self) -> tuple[int, int]:
+        """(CPU microseconds, peak RSS bytes) since start()."""
+        cpu_us = max(0, int((self._cpu() - self._cpu0) * 1e6))
+        peak = 0
+        if self._status >= 0:
+            try:
+                data = os.pread(self._status, 4096, 0)
+                at = data.index(b"VmHWM:")
+                peak = int(data[at + 6 : data.index(b"kB", at)]) * 1024
+            except (OSError, ValueError):
+                pass
+        return cpu_us, peak
+
+
 def make_undumpable() -> None:
     """PR_SET_DUMPABLE 0: no other process of our uid may ptrace us or read our memory or
     environment through /proc. execve resets it, so only the child itself can set it; the
@@ -391,11 +443,12 @@ def make_undumpable() -> None:
 def main() -> None:
     # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
     # subprocesses of user code never inherit them.
+    usage = Usage()  # opens /proc/self files while they are still ours to open
     make_undumpable()
     proto_in, proto_out = os.dup(0), os.dup(1)
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
     apply_limits(os.environ.pop("REPL_RLIMITS", ""))
-    runner = Runner(proto_in, proto_out, max_frame, os.environ.pop("REPL_OUTPUT_FDS", ""))
+    runner = Runner(proto_in, proto_out, max_frame, usage, os.environ.pop("REPL_OUTPUT_FDS", ""))
     signal.signal(signal.SIGINT, runner.on_sigint)
     # SIGTERM comes from the server's shutdown ladder or, as the parent-death signal, from
     # the kernel when the server dies: either way, end everything this session started.

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import create_app
+from .metrics import AccessLogger, JsonAccessLogger
 from .settings import ENV_VARS, Settings
 
 
@@ -40,7 +41,7 @@ def serve(settings: Settings) -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        access_log=None,
+        access_log_class=JsonAccessLogger if settings.log_format == "json" else AccessLogger,
         shutdown_timeout=settings.shutdown_grace_s + 1,
         print=lambda msg: logging.getLogger("replserver").info(
             "replserver %s listening on http://%s:%s", __version__, settings.host, settings.port

@@ -8,6 +8,7 @@ from aiohttp import web
 from . import probe, routes
 from .isolation import Isolation
 from .manager import SessionManager
+from .metrics import Metrics
 from .settings import Settings
 
 
@@ -19,8 +20,9 @@ def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
     return {origin: options for origin in origins}
 
 
-async def _verify_isolation(app: web.Application) -> None:
+async def _start(app: web.Application) -> None:
     await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
+    app[routes.MANAGER].start()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -36,8 +38,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[routes.SETTINGS] = settings
     isolation = Isolation(settings)
     app[routes.ISOLATION] = isolation
-    app[routes.MANAGER] = SessionManager(settings, isolation)
-    app.on_startup.append(_verify_isolation)
+    metrics = Metrics()
+    app[routes.METRICS] = metrics
+    app[routes.MANAGER] = SessionManager(settings, isolation, metrics)
+    app.on_startup.append(_start)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_sessions)
     cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))

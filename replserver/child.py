@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 EndOutcome = Literal["exited", "terminated", "killed", "already-gone"]
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -268,6 +270,17 @@ class ChildProcess:
             except ProcessLookupError:
                 return False
         return True
+
+    def usage(self) -> tuple[int, float]:
+        """(RSS bytes, CPU seconds) of the child process and the children it has waited for."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0, 0.0
+        # Fields after the command name, 0-based: 11-14 utime stime cutime cstime, 21 rss.
+        ticks = sum(int(x) for x in fields[11:15])
+        return int(fields[21]) * _PAGE_SIZE, round(ticks / _CLOCK_TICKS, 3)
 
     def kill_others(self) -> None:
         """SIGKILL every process of the session but the child itself (after a stop)."""

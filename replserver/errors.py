@@ -31,6 +31,10 @@ class TooManySessions(ReplError):
         self.retry_after_s = retry_after_s
 
 
+class NotFound(ReplError):
+    """No such session or execution here (404)."""
+
+
 class NothingToDo(ReplError):
     """The request refers to something that is not there or not waiting (409)."""
 

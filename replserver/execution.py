@@ -1,18 +1,30 @@
-"""One execution in flight: the output the child sends for it, buffered with backpressure."""
+"""One execution: the events the child sends for it, in a bounded log that clients read.
+
+The log gives every event a sequence number, which is the SSE `id` the client sees. One
+reader at a time follows it (the request that started the execution, or a client that
+reattached with Last-Event-ID). While a reader is attached and falls more than
+`high_water` bytes behind, the child's pipe is paused, so a slow client slows the child
+instead of growing our memory. With no reader attached the execution runs on and the log
+keeps only the newest `replay_bytes` of events for a client that comes back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from .protocol import T_STDERR, T_STDOUT, Done
 
-__all__ = ["T_STDERR", "T_STDOUT", "Chunk", "Execution", "Failure"]
+__all__ = ["T_END", "T_GAP", "T_STDERR", "T_STDOUT", "Entry", "Execution", "Failure"]
 
-Chunk = tuple[int, bytes]  # (T_STDOUT or T_STDERR, raw bytes)
+T_END = 0x100  # log entry: the execution is over (render notices and `complete`)
+T_GAP = 0x101  # reader-side marker: entries before this one were dropped from the log
+
+Entry = tuple[int, int, bytes]  # (sequence number, T_STDOUT / T_STDERR / T_END, payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,69 +35,83 @@ class Failure:
 
 
 class Execution:
-    """Receives one execution's frames from the child and hands them to one consumer.
-
-    The producer side (`push`, `finish`) is called from the child's pipe callbacks; the
-    consumer iterates `batches()`. When more than `high_water` bytes wait unconsumed, the
-    child's pipe is paused, so a slow client slows the child instead of growing our memory.
-    A detached execution (its client went away) keeps running and discards its output.
-    """
+    """Receives one execution's frames from the child and keeps them for its reader."""
 
     __slots__ = (
-        "_buffered",
-        "_chunks",
-        "_detached",
+        "_cursor",
         "_high_water",
+        "_log",
+        "_log_bytes",
+        "_max_output",
+        "_next_seq",
         "_on_end",
         "_pause",
         "_paused",
+        "_reader",
+        "_readers",
         "_remaining",
+        "_replay_bytes",
+        "_entry_bytes",
         "_resume",
+        "_unread",
         "_waiter",
         "finished",
+        "id",
         "notes",
         "outcome",
         "started",
+        "stop_on_disconnect",
         "stopped_by",
         "truncated",
     )
 
     def __init__(
         self,
+        execution_id: str,
         *,
         high_water: int,
         max_output: int,
+        replay_bytes: int,
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_end: Callable[[], None],
     ) -> None:
-        self._chunks: deque[Chunk] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._buffered = 0
+        self.id = execution_id
+        self._log: deque[Entry] = deque()
+        self._log_bytes = 0
+        self._next_seq = 1
+        self._replay_bytes = replay_bytes
+        self._entry_bytes = max(1024, replay_bytes // 8)
         self._high_water = high_water
+        # Token of the attached reader, 0 when none is. It starts reserved (-1) for the
+        # request that started the execution, so nothing is dropped before it attaches.
+        self._reader = -1
+        self._readers = 0  # readers ever attached (tokens)
+        self._cursor = 0  # the last sequence number the attached reader has taken
+        self._unread = 0  # bytes the attached reader has not taken yet
+        self._waiter: asyncio.Future[None] | None = None
         self._pause = pause
         self._resume = resume
         self._paused = False
-        self._detached = False
         self._on_end = on_end
-        self._remaining = max_output
+        self._remaining = self._max_output = max_output
         self.truncated = False  # output past max_output was dropped
         self.notes: list[str] = []  # the server's own messages, appended to stderr text
         self.stopped_by: str | None = None  # "timeout" or "interrupted", when we stopped it
+        self.stop_on_disconnect = False
         self.outcome: Done | Failure | None = None
         self.started = time.monotonic()
         self.finished = 0.0
 
     def __repr__(self) -> str:
-        state = "running" if self.outcome is None else type(self.outcome).__name__.lower()
-        return f"<Execution {state} buffered={self._buffered} detached={self._detached}>"
+        state = "running" if self.outcome is None else self.reason
+        return f"<Execution {self.id} {state} log={self._log_bytes}B reader={self._reader}>"
 
     @property
     def duration_ms(self) -> float:
         end = self.finished or time.monotonic()
         return round((end - self.started) * 1000, 3)
 
-    # --- producer side (child pipe callbacks) -----------------------------------------------
     @property
     def reason(self) -> str:
         """Why the execution ended: ok, exception, timeout, interrupted, memory,
@@ -99,6 +125,16 @@ class Execution:
             return "output_limit" if self.truncated else "ok"
         return "exception" if outcome.reason == "exit" else outcome.reason
 
+    @property
+    def output_bytes(self) -> int:
+        """Output kept so far (at most the cap)."""
+        return self._max_output - self._remaining
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    # --- producer side (child pipe callbacks) -----------------------------------------------
     def push(self, kind: int, data: bytes) -> None:
         if self.outcome is not None:
             return
@@ -111,68 +147,129 @@ class Execution:
             data = data[: self._remaining]
             size = len(data)
         self._remaining -= size
-        if self._detached or not size:
+        # Entries of at most an eighth of the replay buffer: dropping the oldest ones to
+        # stay within it then keeps most of the buffer's worth, whatever the read sizes.
+        step = self._entry_bytes
+        if size <= step:
+            if size:
+                self._append(kind, data)
             return
-        self._chunks.append((kind, data))
-        self._buffered += size
-        if self._buffered > self._high_water and not self._paused:
-            self._paused = True
-            self._pause()
-        self._wake()
+        view = memoryview(data)
+        for start in range(0, size, step):
+            self._append(kind, bytes(view[start : start + step]))
 
     def finish(self, outcome: Done | Failure) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
         self.finished = time.monotonic()
+        self._append(T_END, b"")
         if self._paused:
             self._paused = False
             self._resume()
-        self._wake()
         self._on_end()
 
-    def _wake(self) -> None:
+    def _append(self, kind: int, data: bytes) -> None:
+        size = len(data)
+        self._log.append((self._next_seq, kind, data))
+        self._next_seq += 1
+        self._log_bytes += size
+        if self._reader:
+            self._unread += size
+            if self._unread > self._high_water and not self._paused and self.outcome is None:
+                self._paused = True
+                self._pause()
+        self._trim()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    # --- consumer side ----------------------------------------------------------------------
-    async def batches(self) -> AsyncIterator[list[Chunk]]:
-        """Yield every chunk available at each wake-up, until the outcome is known."""
-        while True:
-            if self._chunks:
-                batch = list(self._chunks)
-                self._chunks.clear()
-                self._buffered = 0
-                if self._paused:
-                    self._paused = False
-                    self._resume()
-                yield batch
-                continue
-            if self.outcome is not None:
-                return
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+    def _trim(self) -> None:
+        """Keep the log within replay_bytes, never dropping what the reader has not read
+        (for an attached reader, backpressure bounds the unread part instead)."""
+        log = self._log
+        while self._log_bytes > self._replay_bytes and len(log) > 1:
+            if self._reader and log[0][0] > self._cursor:
+                break
+            self._log_bytes -= len(log.popleft()[2])
 
-    async def wait(self) -> Done | Failure:
-        """Wait for the outcome, discarding output (for callers that do not want it)."""
+    def _after(self, cursor: int) -> list[Entry]:
+        """The entries after `cursor` still in the log, from the newest end: O(new ones)."""
+        wanted = self._next_seq - 1 - cursor
+        if wanted <= 0 or not self._log:
+            return []
+        if wanted >= len(self._log):
+            return list(self._log)
+        return list(itertools.islice(reversed(self._log), wanted))[::-1]
+
+    # --- reader side ------------------------------------------------------------------------
+    async def follow(self, after: int = 0) -> AsyncGenerator[list[Entry], None]:
+        """Entries with a sequence number above `after`, as they come, until the end entry.
+
+        Attaching detaches any earlier reader (its iteration ends). If entries after
+        `after` were already dropped, the first batch starts with a T_GAP entry whose
+        payload is the number of entries missed.
+        """
+        self._readers += 1
+        token = self._reader = self._readers
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # the earlier reader wakes, sees it is detached, ends
+        cursor = self._cursor = after
+        # Everything still in the log after `after` counts as unread for backpressure.
+        self._unread = sum(len(e[2]) for e in self._after(after))
+        try:
+            while self._reader == token:
+                batch = self._after(cursor)
+                if batch:
+                    first = batch[0][0]
+                    if first > cursor + 1:
+                        missed = first - cursor - 1
+                        batch.insert(0, (first - 1, T_GAP, str(missed).encode()))
+                    cursor = self._cursor = batch[-1][0]
+                    self._unread = 0
+                    if self._paused:
+                        self._paused = False
+                        self._resume()
+                    yield batch
+                    if batch[-1][1] == T_END:
+                        return
+                    continue
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    if self._waiter is waiter:  # not a later reader's
+                        self._waiter = None
+        finally:
+            if self._reader == token:
+                self.detach()
+
+    def release_initial(self) -> None:
+        """The starting request is done with the execution, having followed it or not."""
+        if self._reader == -1:
+            self.detach()
+
+    def drop_reader(self) -> None:
+        """Detach whoever reads, and wake them so that their iteration ends (their client is
+        gone: only the server noticed)."""
         self.detach()
-        while self.outcome is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.outcome
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def detach(self) -> None:
-        """The consumer is gone: drop buffered and future output, never pause the child."""
-        self._detached = True
-        self._chunks.clear()
-        self._buffered = 0
+        """The reader is gone: the execution runs on; the log keeps the newest events."""
+        self._reader = 0
+        self._unread = 0
         if self._paused:
             self._paused = False
             self._resume()
+        self._trim()
+
+    async def wait(self) -> Done | Failure:
+        """Wait for the outcome without reading the events."""
+        async for _ in self.follow(self._next_seq - 1):
+            pass
+        assert self.outcome is not None
+        return self.outcome

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import aclosing
 
 from .errors import ChildStartError
 from .execution import T_STDOUT
 from .isolation import Isolation, Layers
+from .pool import ChildPool
 from .session import Session
 from .settings import Settings
 
@@ -69,17 +71,20 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
 
 
 async def _run_probe(settings: Settings, isolation: Isolation) -> bytes:
-    session = Session("isolation-probe", settings=settings, isolation=isolation)
+    pool = ChildPool(settings, isolation=isolation, size=0)
+    session = Session("isolation-probe", settings=settings, pool=pool)
     try:
         run = await session.start(PROBE_CODE, timeout_s=10)
         out = bytearray()
-        async for batch in run.execution.batches():
-            for kind, data in batch:
-                if kind == T_STDOUT:
-                    out += data
+        async with aclosing(run.execution.follow()) as entries:
+            async for batch in entries:
+                for _, kind, data in batch:
+                    if kind == T_STDOUT:
+                        out += data
         return bytes(out)
     finally:
-        await session.close()
+        session.close()
+        await pool.close()
 
 
 def missing_layers(settings: Settings, layers: Layers) -> list[str]:

@@ -34,7 +34,7 @@ REASON_NAMES = {
     REASON_MEMORY: "memory",
 }
 
-_DONE = struct.Struct(">iIB")
+_DONE = struct.Struct(">iIBQQ")  # return code, count, reason, CPU us, peak RSS bytes
 
 
 class FrameTooLarge(ValueError):
@@ -64,13 +64,15 @@ class Done:
     return_code: int
     execution_count: int
     reason: str
+    cpu_us: int
+    peak_rss_bytes: int
     note: str
 
     @classmethod
     def decode(cls, payload: bytes) -> Done:
-        code, count, reason = _DONE.unpack_from(payload)
+        code, count, reason, cpu_us, peak = _DONE.unpack_from(payload)
         note = payload[_DONE.size :].decode("utf-8", "replace")
-        return cls(code, count, REASON_NAMES.get(reason, "exception"), note)
+        return cls(code, count, REASON_NAMES.get(reason, "exception"), cpu_us, peak, note)
 
 
 class FrameParser:

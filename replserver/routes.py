@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from . import __version__, streaming
 from .errors import (
     BadRequest,
     ChildStartError,
+    NotFound,
     NothingToDo,
     ProtocolError,
     ReplError,
@@ -24,11 +26,14 @@ from .errors import (
 )
 from .isolation import Isolation
 from .manager import SessionManager
+from .metrics import ACCESS_FIELDS, CONTENT_TYPE, Metrics
+from .session import Run
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 MANAGER = web.AppKey("manager", SessionManager)
+METRICS = web.AppKey("metrics", Metrics)
 ISOLATION = web.AppKey("isolation", Isolation)
 SETTINGS = web.AppKey("settings", Settings)
 
@@ -36,6 +41,7 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _STATUS: dict[type[ReplError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
+    NotFound: 404,
     NothingToDo: 409,
     TooManySessions: 429,
     ChildStartError: 503,
@@ -102,8 +108,17 @@ def session_id(request: web.Request) -> str:
     return value
 
 
-async def read_request(request: web.Request) -> tuple[str, float | None]:
-    """The `code` and optional `timeout` fields of a JSON object body, checked."""
+@dataclass(frozen=True, slots=True)
+class ExecuteRequest:
+    """The body of /execute and /execute-stream, checked."""
+
+    code: str
+    timeout_s: float | None
+    stop_on_disconnect: bool
+
+
+async def read_request(request: web.Request) -> ExecuteRequest:
+    """The `code`, `timeout` and `stopOnDisconnect` fields of a JSON object body, checked."""
     body = await request.read()  # aiohttp answers 413 past client_max_size
     try:
         data = json.loads(body)
@@ -126,25 +141,86 @@ async def read_request(request: web.Request) -> tuple[str, float | None]:
         if not 0 < timeout <= limit:
             raise BadRequest(f"field 'timeout' must be above 0 and at most {limit:g} seconds")
         timeout = float(timeout)
-    return code, timeout
+    stop = data.get("stopOnDisconnect", False)
+    if not isinstance(stop, bool):
+        raise BadRequest("field 'stopOnDisconnect' must be true or false")
+    return ExecuteRequest(code, timeout, stop)
+
+
+def note_access(request: web.Request, run: Run) -> None:
+    """What the access log line of this request tells about its execution."""
+    request[ACCESS_FIELDS] = {"sessionId": run.session_id, "executionId": run.execution.id}
+
+
+def note_outcome(request: web.Request, run: Run) -> None:
+    fields = request.get(ACCESS_FIELDS)
+    if fields is not None and run.execution.outcome is not None:
+        fields["reason"] = run.execution.reason
 
 
 async def execute(request: web.Request) -> web.Response:
     sid = session_id(request)
-    code, timeout_s = await read_request(request)
+    body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
-    run = await session.start(code, timeout_s=timeout_s)
+    run = await session.start(body.code, timeout_s=body.timeout_s)
+    note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
-    return web.json_response(await streaming.collect(run, output_limit=limit))
+    reply = await streaming.collect(run, output_limit=limit)
+    note_outcome(request, run)
+    return web.json_response(reply, headers={"X-Execution-Id": run.execution.id})
 
 
 async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
-    code, timeout_s = await read_request(request)
+    body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
-    run = await session.start(code, timeout_s=timeout_s)
+    run = await session.start(body.code, timeout_s=body.timeout_s)
+    note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
-    return await streaming.stream(request, run, output_limit=limit)
+    stop = session.interrupt if body.stop_on_disconnect else None
+    resp = await streaming.stream(request, run, output_limit=limit, on_disconnect=stop)
+    note_outcome(request, run)
+    return resp
+
+
+async def execution_events(request: web.Request) -> web.StreamResponse:
+    """Reattach to an execution's events after a dropped connection (Last-Event-ID)."""
+    execution_id = request.match_info["execution_id"]
+    run = request.app[MANAGER].find_run(execution_id)
+    if run is None:
+        raise NotFound(f"no recent execution {execution_id!r} on this server")
+    raw = request.headers.get("Last-Event-ID", request.query.get("lastEventId", "0"))
+    try:
+        after = int(raw or "0")
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an event id from this stream") from None
+    if after < 0:
+        raise BadRequest("Last-Event-ID must not be negative")
+    note_access(request, run)
+    limit = request.app[SETTINGS].max_output_bytes
+    resp = await streaming.stream(request, run, output_limit=limit, after=after)
+    note_outcome(request, run)
+    return resp
+
+
+async def describe_session(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    session = request.app[MANAGER].find(sid)
+    if session is None:
+        raise NotFound(f"no session {sid!r} on this server")
+    return web.json_response(session.describe())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    sid = session_id(request)
+    if not request.app[MANAGER].delete(sid):
+        raise NotFound(f"no session {sid!r} on this server")
+    return web.json_response({"sessionId": sid, "deleted": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def interrupt(request: web.Request) -> web.Response:
@@ -182,4 +258,8 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         app.router.add_post("/reset/{session_id}", reset),
         app.router.add_post("/interrupt/{session_id}", interrupt),
         app.router.add_get("/health", health),
+        app.router.add_get("/sessions/{session_id}", describe_session),
+        app.router.add_delete("/sessions/{session_id}", delete_session),
+        app.router.add_get("/executions/{execution_id}/events", execution_events),
+        app.router.add_get("/metrics", metrics),
     ]

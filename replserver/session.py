@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from .child import ChildProcess
 from .errors import ShuttingDown
 from .execution import Execution
-from .isolation import Isolation
+from .metrics import Metrics
+from .pool import ChildPool
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+RUNS_KEPT = 2  # per session: the running execution and the one before it
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass(frozen=True, slots=True)
 class Run:
     """An execution that has been sent to the child, and whether state was lost before it."""
 
+    session_id: str
     execution: Execution
     execution_count: int
     restart_reason: str | None
@@ -29,17 +41,25 @@ class Session:
     """Runs one session's requests one at a time, in arrival order, in its own child."""
 
     def __init__(
-        self, session_id: str, *, settings: Settings, isolation: Isolation | None = None
+        self,
+        session_id: str,
+        *,
+        settings: Settings,
+        pool: ChildPool,
+        metrics: Metrics | None = None,
     ) -> None:
         self.id = session_id
         self._settings = settings
-        self._isolation = isolation
+        self._pool = pool
+        self._metrics = metrics
         self._child: ChildProcess | None = None
         # asyncio.Lock wakes waiters first-in first-out: requests run in arrival order.
         # The lock is held from sending the code until the child's completion frame, and
         # released by the execution itself, so a client that goes away cannot leave it held.
         self._lock = asyncio.Lock()
         self._current: Execution | None = None
+        # The latest runs, for clients reattaching to an execution's events by its id.
+        self.runs: OrderedDict[str, Run] = OrderedDict()
         self._timers: list[asyncio.TimerHandle] = []
         self._lost_state: str | None = None  # why the next run starts on a fresh child
         self.created = time.time()
@@ -64,6 +84,22 @@ class Session:
         """Running, or requests wait for it: not to be evicted."""
         return self._current is not None or self.queued > 0 or self._lock.locked()
 
+    def describe(self) -> dict[str, Any]:
+        """GET /sessions/{id}: the session's state and its process's resource use."""
+        child = self._child
+        rss, cpu = child.usage() if child is not None else (0, 0.0)
+        return {
+            "sessionId": self.id,
+            "state": "running" if self.running else ("idle" if child else "not started"),
+            "created": _iso(self.created),
+            "lastActive": _iso(self.last_active),
+            "executionCount": self.execution_count,
+            "running": self.running,
+            "queued": self.queued,
+            "rssBytes": rss,
+            "cpuSeconds": cpu,
+        }
+
     def lost_state(self, reason: str) -> None:
         """The next reply says earlier state is gone, and why (eviction, idle culling)."""
         self._lost_state = reason
@@ -79,8 +115,10 @@ class Session:
             child = await self._ensure_child()
             self.execution_count += 1
             execution = Execution(
+                f"{self.id}.{secrets.token_hex(6)}",
                 high_water=self._settings.stream_buffer_bytes,
                 max_output=self._settings.max_output_bytes,
+                replay_bytes=self._settings.replay_buffer_bytes,
                 pause=child.pause_reading,
                 resume=child.resume_reading,
                 on_end=self._on_end,
@@ -96,13 +134,19 @@ class Session:
         self._timers.append(loop.call_later(limit, self._expire, execution, limit))
         self.last_active = time.time()
         restart, self._lost_state = self._lost_state, None
-        return Run(execution, self.execution_count, restart)
+        run = Run(self.id, execution, self.execution_count, restart)
+        self.runs[execution.id] = run
+        while len(self.runs) > RUNS_KEPT:
+            self.runs.popitem(last=False)
+        return run
 
     def _on_end(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         execution, self._current = self._current, None
+        if execution is not None and self._metrics is not None:
+            self._metrics.execution_finished(execution)
         child = self._child
         if execution is not None and execution.stopped_by and child is not None and child.alive:
             # A stop means everything the code was running: processes it started (a fork
@@ -157,28 +201,38 @@ class Session:
             # The child died since we last used it: the next reply says state was lost.
             self._lost_state = child.error or "the session's Python process ended"
             self._child = None
-            await child.end(0)
-        child = await ChildProcess.spawn(self._settings, isolation=self._isolation)
+            if self._metrics is not None:
+                self._metrics.child_restarts.inc()
+            self._pool.discard(child, 0)
+        child = await self._pool.acquire()
         if self.closed:
-            await child.end()
+            self._pool.discard(child)
             raise ShuttingDown("the session was closed while starting")
         self._child = child
         self.execution_count = 0
         return child
 
     async def reset(self) -> None:
-        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept."""
+        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept.
+
+        The new child comes from the warm pool at once; the old one ends in the background.
+        """
         async with self._lock:
             child, self._child = self._child, None
             self._lost_state = None
             self.execution_count = 0
             if child is not None:
-                await child.end()
+                self._pool.discard(child)
+            if not self.closed:
+                self._child = await self._pool.acquire()
         self.last_active = time.time()
 
-    async def close(self) -> None:
-        """End the session now: a running execution fails, its process group is killed."""
+    def close(self, reason: str = "the session was closed") -> None:
+        """End the session now: a running execution fails with `reason`, and the child's
+        whole process group is killed (in the background)."""
         self.closed = True
         child, self._child = self._child, None
         if child is not None:
-            await child.end()
+            if child.current is not None:
+                child.kill(f"{reason[:1].upper()}{reason[1:]}; its state was lost.")
+            self._pool.discard(child)

@@ -57,6 +57,11 @@ class Settings:
     bubblewrap_path: str = "bwrap"
     # Refuse to start when a configured isolation layer cannot be put in place.
     require_isolation: bool = False
+    # Sessions at scale: warm children, idle culling, replay buffers for reattaching.
+    pool_size: int = 2
+    session_idle_s: float = 1800.0
+    replay_buffer_bytes: int = 1 * MiB
+    log_format: str = "text"
     # API access.
     api_token: str = ""
     max_sessions: int = 64
@@ -100,6 +105,8 @@ class Settings:
             raise ValueError("REPL_UID_RANGE must be FIRST-LAST with 0 < FIRST <= LAST")
         if self.max_sessions < 1:
             raise ValueError("REPL_MAX_SESSIONS must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("REPL_LOG_FORMAT must be 'text' or 'json'")
         if self.cgroups not in ("auto", "off"):
             raise ValueError("REPL_CGROUPS must be 'auto' or 'off'")
         if self.max_body_bytes >= self.max_frame_bytes:
@@ -178,6 +185,10 @@ ENV_VARS: dict[str, str] = {
     "bubblewrap": "REPL_BUBBLEWRAP",
     "bubblewrap_path": "REPL_BUBBLEWRAP_PATH",
     "require_isolation": "REPL_REQUIRE_ISOLATION",
+    "pool_size": "REPL_POOL_SIZE",
+    "session_idle_s": "REPL_SESSION_IDLE_S",
+    "replay_buffer_bytes": "REPL_REPLAY_BUFFER_BYTES",
+    "log_format": "REPL_LOG_FORMAT",
     "api_token": "REPL_API_TOKEN",
     "max_sessions": "REPL_MAX_SESSIONS",
     "python": "REPL_PYTHON",

@@ -1,20 +1,23 @@
-"""Turning an execution's output into client-facing text: JSON replies and SSE events."""
+"""Turning an execution's event log into client-facing text: JSON replies and SSE events."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .execution import T_STDOUT, Chunk, Execution, Failure
+from .execution import T_END, T_GAP, T_STDOUT, Entry, Execution, Failure
 from .protocol import Done
 from .session import Run
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_S = 0.25
 EVENT_TYPE = {T_STDOUT: "output"}  # anything else is stderr: "error"
 
 
@@ -24,19 +27,24 @@ def _decoder() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")("replace")
 
 
-def merge(batch: Iterable[Chunk]) -> list[Chunk]:
-    """Join neighbouring chunks of the same stream: fewer, larger events for a slow client."""
-    merged: list[Chunk] = []
-    pending: list[bytes] = []
-    kind = -1
-    for chunk_kind, data in batch:
-        if chunk_kind != kind and pending:
-            merged.append((kind, b"".join(pending)))
-            pending = []
-        kind = chunk_kind
-        pending.append(data)
-    if pending:
-        merged.append((kind, pending[0] if len(pending) == 1 else b"".join(pending)))
+def merge(batch: Iterable[Entry]) -> list[Entry]:
+    """Join neighbouring output entries of the same stream: fewer, larger events for a
+    slow client. The joined event keeps the last entry's sequence number."""
+    merged: list[Entry] = []
+    parts: list[bytes] = []
+    for entry in batch:
+        if parts and entry[1] == merged[-1][1] and entry[1] < T_END:
+            parts.append(entry[2])
+            merged[-1] = (entry[0], entry[1], b"")
+            continue
+        if len(parts) > 1:
+            seq, kind, _ = merged[-1]
+            merged[-1] = (seq, kind, b"".join(parts))
+        merged.append(entry)
+        parts = [entry[2]] if entry[1] < T_END else []
+    if len(parts) > 1:
+        seq, kind, _ = merged[-1]
+        merged[-1] = (seq, kind, b"".join(parts))
     return merged
 
 
@@ -44,13 +52,17 @@ def completion_fields(run: Run) -> dict[str, Any]:
     """The fields both routes report when an execution ends."""
     execution = run.execution
     outcome = execution.outcome
-    return_code = outcome.return_code if isinstance(outcome, Done) else 1
+    done = outcome if isinstance(outcome, Done) else None
+    return_code = done.return_code if done is not None else 1
     return {
         "returnCode": 0 if return_code == 0 and execution.stopped_by is None else 1,
         "executionCount": run.execution_count,
+        "executionId": execution.id,
         "durationMs": execution.duration_ms,
+        "cpuMs": round(done.cpu_us / 1000, 3) if done is not None else None,
+        "peakRssBytes": done.peak_rss_bytes if done is not None else None,
         "reason": execution.reason,
-        "namespaceSurvived": isinstance(outcome, Done),
+        "namespaceSurvived": done is not None,
         "truncated": execution.truncated,
         "restarted": run.restart_reason is not None,
     }
@@ -76,11 +88,15 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
     out: list[bytes] = []
     err: list[bytes] = []
     try:
-        async for batch in execution.batches():
-            for kind, data in batch:
-                (out if kind == T_STDOUT else err).append(data)
+        async with aclosing(execution.follow()) as entries:
+            async for batch in entries:
+                for _, kind, data in batch:
+                    if kind == T_STDOUT:
+                        out.append(data)
+                    elif kind < T_END:
+                        err.append(data)
     finally:
-        execution.detach()
+        execution.release_initial()
     error = b"".join(err).decode("utf-8", "replace") + server_text(execution, output_limit)
     reply: dict[str, Any] = {
         "output": b"".join(out).decode("utf-8", "replace"),
@@ -90,36 +106,111 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
     return reply
 
 
-async def stream(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
-    """Forward the execution as Server-Sent Events while it runs."""
-    execution = run.execution
-    decoders = {T_STDOUT: _decoder(), -1: _decoder()}
-    dumps = json.dumps
-    resp = EventSourceResponse(sep="\n", headers=SSE_HEADERS, allow_all_methods=True)
-    await resp.prepare(request)
-    send = resp.send
-    try:
+class EventRenderer:
+    """Log entries to SSE events (JSON text, id) for one client connection."""
+
+    def __init__(self, run: Run, output_limit: int) -> None:
+        self._run = run
+        self._limit = output_limit
+        self._decoders = {T_STDOUT: _decoder(), -1: _decoder()}
+
+    def opening(self) -> list[tuple[str, str]]:
+        """The events a fresh stream starts with: a restart notice, the execution's id."""
+        run, dumps = self._run, json.dumps
+        events = []
         if run.restart_reason is not None:
-            await send(dumps({"type": "restart", "reason": run.restart_reason}))
-        async for batch in execution.batches():
-            for kind, data in merge(batch) if len(batch) > 1 else batch:
+            events.append((dumps({"type": "restart", "reason": run.restart_reason}), "0"))
+        start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
+        events.append((dumps(start), "0"))
+        return events
+
+    def render(self, batch: list[Entry]) -> list[tuple[str, str]]:
+        dumps = json.dumps
+        events: list[tuple[str, str]] = []
+        for seq, kind, data in merge(batch) if len(batch) > 1 else batch:
+            if kind == T_GAP:
+                missed = {"type": "gap", "missedEvents": int(data)}
+                events.append((dumps(missed), str(seq)))
+            elif kind == T_END:
+                events.extend((event, str(seq)) for event in self._ending())
+            else:
                 key = T_STDOUT if kind == T_STDOUT else -1
-                text = decoders[key].decode(data)
+                text = self._decoders[key].decode(data)
                 if text:
-                    await send(dumps({"type": EVENT_TYPE.get(kind, "error"), "content": text}))
-        for key, decoder in decoders.items():
+                    event = {"type": EVENT_TYPE.get(kind, "error"), "content": text}
+                    events.append((dumps(event), str(seq)))
+        return events
+
+    def _ending(self) -> list[str]:
+        dumps = json.dumps
+        events = []
+        for key, decoder in self._decoders.items():
             tail = decoder.decode(b"", final=True)
             if tail:
-                await send(dumps({"type": EVENT_TYPE.get(key, "error"), "content": tail}))
-        message = server_text(execution, output_limit)
+                events.append(dumps({"type": EVENT_TYPE.get(key, "error"), "content": tail}))
+        message = server_text(self._run.execution, self._limit)
         if message:
-            await send(dumps({"type": "error", "content": message}))
-        await send(dumps({"type": "complete", **completion_fields(run)}))
+            events.append(dumps({"type": "error", "content": message}))
+        events.append(dumps({"type": "complete", **completion_fields(self._run)}))
+        return events
+
+
+def frame(events: list[tuple[str, str]]) -> bytes:
+    """SSE bytes for a batch of events, written at once.
+
+    `data:` comes first and `id:` after it: both orders are valid SSE, and this one keeps
+    working for the older frontends that read each event's first line as its data. The
+    JSON is one line (json.dumps escapes newlines), so one `data:` field carries it.
+    """
+    return "".join(f"data: {data}\nid: {event_id}\n\n" for data, event_id in events).encode()
+
+
+async def stream(
+    request: web.Request,
+    run: Run,
+    *,
+    output_limit: int,
+    after: int = 0,
+    on_disconnect: Callable[[], object] | None = None,
+) -> web.StreamResponse:
+    """Forward the execution as Server-Sent Events while it runs.
+
+    `after` > 0 reattaches: only events after that SSE id are sent (a `gap` event first if
+    some were dropped). If the client goes away, the execution runs on (its events kept for
+    a reattach) unless `on_disconnect` stops it.
+    """
+    execution = run.execution
+    renderer = EventRenderer(run, output_limit)
+    headers = {**SSE_HEADERS, "X-Execution-Id": execution.id}
+    resp = EventSourceResponse(sep="\n", headers=headers, allow_all_methods=True)
+    watchdog = asyncio.create_task(_watch_connection(request, execution))
+    try:
+        async with aclosing(execution.follow(after)) as entries:
+            await resp.prepare(request)
+            if after == 0:
+                await resp.write(frame(renderer.opening()))
+            async for batch in entries:
+                await resp.write(frame(renderer.render(batch)))
     except (ConnectionError, TimeoutError):
-        # The client went away or stalled past the send timeout: the execution runs on
-        # to completion with its output dropped, and the session stays usable.
-        pass
+        pass  # the client went away or stalled past the send timeout
     finally:
-        execution.detach()
-        resp.stop_streaming()
+        watchdog.cancel()
+        execution.release_initial()
+        if resp.prepared:
+            resp.stop_streaming()
+        if execution.outcome is None and on_disconnect is not None:
+            # We stopped following before the end (including by cancellation, where the
+            # server cancels handlers on disconnect): the client is gone.
+            on_disconnect()
     return resp
+
+
+async def _watch_connection(request: web.Request, execution: Execution) -> None:
+    """Notice a client that left while nothing is being written to it (silent code, or a
+    paused child), and let its stream end: aiohttp does not cancel the handler."""
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            execution.drop_reader()
+            return

@@ -156,6 +156,8 @@ def finish_frame(return_code: int, reason: int, note: str, count: int) -> bytes:
         runner.out_r, runner.err_r, runner.proto_out = out_r, err_r, proto_w
         runner.count = count
         runner.lock = threading.Lock()
+        runner.usage = runner_child.Usage()
+        runner.usage.start()
         runner.finish(return_code, reason, note)
         return os.read(proto_r, 65536)
     finally:
@@ -179,11 +181,18 @@ def test_done_decodes_runner_finish(return_code: int, reason: int, note: str, na
     kind, payload = frames[0]
     assert kind == protocol.T_DONE
     done = protocol.Done.decode(payload)
-    assert done == protocol.Done(return_code, 42, name, note)
+    assert (done.return_code, done.execution_count, done.reason, done.note) == (
+        return_code,
+        42,
+        name,
+        note,
+    )
+    assert done.cpu_us >= 0 and done.peak_rss_bytes > 1024 * 1024  # this process's VmHWM
 
 
 def test_done_unknown_reason_is_exception() -> None:
     payload = (1).to_bytes(4, "big", signed=True) + (3).to_bytes(4, "big") + bytes((99,))
+    payload += bytes(16)  # CPU microseconds and peak RSS
     assert protocol.Done.decode(payload).reason == "exception"
 
 
@@ -296,10 +305,18 @@ async def test_child_executes_and_reports_done() -> None:
             out += payload
         assert out == b"hello\n"
         assert kind == protocol.T_DONE
-        assert protocol.Done.decode(payload) == protocol.Done(0, 1, "ok", "")
+        done = protocol.Done.decode(payload)
+        assert (done.return_code, done.execution_count, done.reason, done.note) == (0, 1, "ok", "")
+        assert done.peak_rss_bytes > 1024 * 1024
 
         out2, err2, done2 = await child.run("import sys\nx = 1\nsys.exit(4)")
-        assert (out2, done2) == (b"", protocol.Done(1, 2, "exit", "SystemExit: 4"))
+        assert out2 == b""
+        assert (done2.return_code, done2.execution_count, done2.reason, done2.note) == (
+            1,
+            2,
+            "exit",
+            "SystemExit: 4",
+        )
         assert b"SystemExit: 4" in err2
 
         out3, err3, done3 = await child.run("print(x)\n1/0")

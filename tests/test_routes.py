@@ -84,11 +84,16 @@ async def test_stream_headers_and_raw_framing(client: Client) -> None:
     assert b"\r" not in raw
     blocks = raw[: -len(b"\n\n")].split(b"\n\n")
     events = []
+    ids = []
     for block in blocks:
-        # one `data: <json>` line per event, nothing else
-        assert block.startswith(b"data: "), raw
-        assert b"\n" not in block, raw
-        events.append(json.loads(block[len(b"data: ") :]))
+        # one `data: <json>` line per event, then its `id:` line, nothing else
+        data_line, id_line = block.split(b"\n")
+        assert data_line.startswith(b"data: "), raw
+        assert id_line.startswith(b"id: "), raw
+        events.append(json.loads(data_line[len(b"data: ") :]))
+        ids.append(int(id_line[len(b"id: ") :]))
+    assert ids == sorted(ids)  # event ids never go back
+    assert events[0]["type"] == "start" and events[0]["executionId"].startswith("raw.")
     assert events == parse_sse(raw.decode())
     kinds = [e["type"] for e in events]
     assert kinds.count("complete") == 1

@@ -22,13 +22,14 @@ def joined(events: list[dict[str, Any]], kind: str) -> str:
 
 
 async def next_event(resp: ClientResponse) -> dict[str, Any]:
-    """Read the stream line by line up to the next `data:` event."""
+    """Read the stream line by line up to the next `data:` event (past the opening `start`)."""
     while True:
         line = await resp.content.readline()
         assert line, "stream ended before the next event"
         if line.startswith(b"data: "):
             event: dict[str, Any] = json.loads(line[len(b"data: ") :])
-            return event
+            if event["type"] != "start":
+                return event
 
 
 async def read_events_until_complete(resp: ClientResponse) -> list[dict[str, Any]]:
