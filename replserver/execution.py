@@ -39,6 +39,7 @@ class Execution:
 
     __slots__ = (
         "_cursor",
+        "_entry_bytes",
         "_high_water",
         "_log",
         "_log_bytes",
@@ -51,7 +52,6 @@ class Execution:
         "_readers",
         "_remaining",
         "_replay_bytes",
-        "_entry_bytes",
         "_resume",
         "_unread",
         "_waiter",
