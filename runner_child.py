@@ -13,11 +13,13 @@ import the server package into the user's sys.modules); a test checks that they 
 
 from __future__ import annotations
 
+# The C modules, not `threading` and `signal`: those two pull in enum and friends, about
+# 1.3 MB of memory in every session for nothing this file needs.
+import _signal
+import _thread
 import io
 import os
-import signal
 import sys
-import threading
 
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
 if TYPE_CHECKING:
@@ -64,7 +66,7 @@ class Runner:
         self.usage = usage
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
-        self.lock = threading.Lock()  # one writer of frames at a time, and drain order
+        self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
         sys.modules["__main__"] = self.module
@@ -449,11 +451,11 @@ def main() -> None:
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
     apply_limits(os.environ.pop("REPL_RLIMITS", ""))
     runner = Runner(proto_in, proto_out, max_frame, usage, os.environ.pop("REPL_OUTPUT_FDS", ""))
-    signal.signal(signal.SIGINT, runner.on_sigint)
+    _signal.signal(_signal.SIGINT, runner.on_sigint)
     # SIGTERM comes from the server's shutdown ladder or, as the parent-death signal, from
     # the kernel when the server dies: either way, end everything this session started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: runner.server_gone())
-    threading.Thread(target=runner.forwarder, name="replserver-forwarder", daemon=True).start()
+    _signal.signal(_signal.SIGTERM, lambda signum, frame: runner.server_gone())
+    _thread.start_new_thread(runner.forwarder, ())
     try:
         runner.serve()
     except BrokenPipeError:

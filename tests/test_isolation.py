@@ -426,4 +426,4 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
     assert not Path(f"/tmp/{marker}").exists()  # its /tmp is a private tmpfs
     # Beside its own directory it sees the runner it executes, and no other session's.
     listing = ast.literal_eval(lines[3])
-    assert len(listing) == 2 and "runner_child.py" in listing, listing
+    assert len(listing) == 2 and "runner" in listing, listing
