@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp_cors
 from aiohttp import web
 
@@ -9,6 +11,8 @@ from . import probe, routes
 from .isolation import Isolation
 from .manager import SessionManager
 from .settings import Settings
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
 def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
@@ -21,6 +25,16 @@ def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
 
 async def _verify_isolation(app: web.Application) -> None:
     await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
+
+
+def _stamp_replica(replica_id: str) -> ResponseHook:
+    """X-Replica on every response, streams and errors included: behind a balancer, the
+    client sees which replica holds its session (on_response_prepare runs for all)."""
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Replica"] = replica_id
+
+    return stamp
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -38,6 +52,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[routes.ISOLATION] = isolation
     app[routes.MANAGER] = SessionManager(settings, isolation)
     app.on_startup.append(_verify_isolation)
+    app.on_response_prepare.append(_stamp_replica(settings.replica_id))
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_sessions)
     cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))
