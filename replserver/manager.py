@@ -77,7 +77,7 @@ class SessionManager:
         self._forgotten[session_id] = reason
         while len(self._forgotten) > _FORGOTTEN_MAX:
             self._forgotten.popitem(last=False)
-        await session.close()
+        await session.close(reason)
 
     async def reset(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
@@ -89,7 +89,8 @@ class SessionManager:
         self._closing = True
         sessions = list(self._sessions.values())
         self._sessions.clear()
-        results = await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        ending = (s.close("the server is shutting down") for s in sessions)
+        results = await asyncio.gather(*ending, return_exceptions=True)
         for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("closing session %s failed: %r", session.id, result)

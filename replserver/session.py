@@ -176,9 +176,10 @@ class Session:
                 await child.end()
         self.last_active = time.time()
 
-    async def close(self) -> None:
-        """End the session now: a running execution fails, its process group is killed."""
+    async def close(self, reason: str | None = None) -> None:
+        """End the session now: a running execution fails (with `reason`), its process
+        group is killed."""
         self.closed = True
         child, self._child = self._child, None
         if child is not None:
-            await child.end()
+            await child.end(reason=reason)
