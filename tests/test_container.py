@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,35 +90,71 @@ def test_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-CAPABILITY_SETS: dict[str, tuple[set[str], bool]] = {
-    "docker-default": (DOCKER_DEFAULT_CAPS, False),
-    "documented-minimum": dockerfile.documented_capabilities(),
+@dataclass(frozen=True)
+class Container:
+    """How a container runtime starts the server: its capabilities, no_new_privs, and
+    whether the root filesystem is read-only (with a fresh 1777 /tmp)."""
+
+    caps: set[str]
+    no_new_privs: bool
+    read_only_root: bool
+
+
+_DOCUMENTED = dockerfile.documented_capabilities()
+CONTAINERS = {
+    # `docker run replserver`, no flags.
+    "docker-default": Container(DOCKER_DEFAULT_CAPS, no_new_privs=False, read_only_root=False),
+    # The Dockerfile's recommended flags, which deploy/k8s also sets (test_deploy_k8s.py),
+    # with deploy/k8s's read-only root and emptyDir /tmp.
+    "documented-minimum": Container(_DOCUMENTED[0], _DOCUMENTED[1], read_only_root=False),
+    "kubernetes": Container(_DOCUMENTED[0], _DOCUMENTED[1], read_only_root=True),
 }
 
 
-@pytest.mark.parametrize("name", list(CAPABILITY_SETS))
-async def test_server_under_container_capabilities(name: str, tmp_path: Path) -> None:
+def runtime_prefix(container: Container) -> list[str]:
+    """A command prefix that reproduces the container's confinement of the server."""
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    caps = ",".join(f"+{c.lower()}" for c in sorted(container.caps))
+    prefix = [setpriv, f"--bounding-set=-all,{caps}"]
+    if container.no_new_privs:
+        prefix.append("--no-new-privs")
+    if container.read_only_root:
+        unshare = shutil.which("unshare") or shutil.which("unshare", path="/usr/bin:/bin")
+        if unshare is None:
+            pytest.skip("unshare (util-linux) is needed to mount a read-only root here")
+        # A private mount namespace: / read-only, a fresh 1777 /tmp like the pod's emptyDir
+        # after the init container's chmod; the host's pids and network, as in a pod. The
+        # shell execs the server, so that signals reach it as they would in the container.
+        mounts = (
+            "mount --bind / / && mount -o remount,bind,ro / &&"
+            ' mount -t tmpfs -o mode=1777 tmpfs /tmp && exec "$@"'
+        )
+        namespace = [unshare, "--mount", "--propagation", "private", "--"]
+        prefix = [*namespace, "sh", "-c", mounts, "sh", *prefix]
+    return prefix
+
+
+@pytest.mark.parametrize("name", list(CONTAINERS))
+async def test_server_under_container_confinement(name: str, tmp_path: Path) -> None:
     """Root with only these capabilities (as in a container) still confines every session:
     its own uid, no sockets, stoppable, its directory and processes gone after a reset."""
     if os.geteuid() != 0:
         pytest.skip("the image's server runs as root; this test run is not root")
-    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    caps, no_new_privs = CAPABILITY_SETS[name]
-    assert {"SETUID", "SETGID", "KILL"} <= caps
-    prefix = [setpriv, "--bounding-set=-all," + ",".join(f"+{c.lower()}" for c in sorted(caps))]
-    if no_new_privs:
-        prefix.append("--no-new-privs")
+    container = CONTAINERS[name]
+    assert {"SETUID", "SETGID", "KILL"} <= container.caps
     replica = await servers.start(
-        prefix=prefix, log=tmp_path / "server.log", REPL_REQUIRE_ISOLATION="1"
+        prefix=runtime_prefix(container),
+        log=tmp_path / "server.log",
+        REPL_REQUIRE_ISOLATION="1",
     )
     try:
         await replica.wait_ready()
         async with aiohttp.ClientSession(base_url=replica.base) as http:
 
-            async def run(code: str, **fields: Any) -> dict[str, Any]:
-                async with http.post("/execute/caps", json={"code": code, **fields}) as resp:
+            async def run(sid: str, code: str, **fields: Any) -> dict[str, Any]:
+                async with http.post(f"/execute/{sid}", json={"code": code, **fields}) as resp:
                     assert resp.status == 200, await resp.text()
                     body: dict[str, Any] = await resp.json()
                     return body
@@ -128,21 +165,28 @@ async def test_server_under_container_capabilities(name: str, tmp_path: Path) ->
                 assert layers[layer], (layer, layers)
             assert not layers["networkNamespace"], "no CAP_SYS_ADMIN, so no namespace"
             first = await run(
+                "caps",
                 "import os, subprocess\nopen('mine', 'w').write('x')\n"
+                "open(f'/tmp/shared-{os.getuid()}', 'w').write('x')\n"
                 "sleeper = subprocess.Popen(['sleep', '60'])\n"
-                "print(os.getuid(), os.getcwd(), sleeper.pid)"
+                "print(os.getuid(), os.getcwd(), sleeper.pid,"
+                " bool(os.statvfs('/').f_flag & os.ST_RDONLY))",
             )
-            uid, cwd, sleeper = first["output"].split()
-            assert int(uid) != 0 and Path(cwd, "mine").exists()
-            net = await run("import socket\nsocket.socket(socket.AF_INET)")
+            assert first["returnCode"] == 0, first
+            uid, cwd, sleeper, read_only = first["output"].split()
+            assert int(uid) != 0
+            assert read_only == str(container.read_only_root)
+            net = await run("caps", "import socket\nsocket.socket(socket.AF_INET)")
             assert "PermissionError" in (net["error"] or ""), net
             # SIGINT to a process of another uid needs CAP_KILL; without it this waits 30 s.
-            timed = await run("import time\ntime.sleep(30)", timeout=0.5)
+            timed = await run("caps", "import time\ntime.sleep(30)", timeout=0.5)
             assert timed["reason"] == "timeout" and timed["durationMs"] < 3000, timed
             async with http.post("/reset/caps") as resp:
                 assert resp.status == 200
-            # Removing a directory of another uid needs CAP_DAC_OVERRIDE.
-            assert not Path(cwd).exists(), "the session's directory outlived its reset"
+            # Removing a directory of another uid needs CAP_DAC_OVERRIDE. Asked from
+            # inside (another session): the server's /tmp may be a private mount.
+            gone = await run("other", f"import os\nprint(os.path.exists({cwd!r}))")
+            assert gone["output"] == "False\n", "the session's directory outlived its reset"
             assert servers.pid_gone(int(sleeper))
         started = time.monotonic()
         assert await replica.stop() == 0

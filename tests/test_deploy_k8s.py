@@ -130,9 +130,13 @@ def test_security_context_is_what_the_server_was_tested_with() -> None:
     assert "SYS_ADMIN" not in caps
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    # Children write only below /tmp (their private directories): an emptyDir there.
+    # Children write only below /tmp (their private directories): an emptyDir there, made
+    # a real /tmp (1777) first; test_container.py runs the server in just this layout.
     mounts = {m["mountPath"] for m in container(one("Deployment"))["volumeMounts"]}
     assert "/tmp" in mounts
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["chmod", "1777", "/tmp"]
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {"/tmp"}
     env = env_of(container(one("Deployment")))
     assert env["REPL_REQUIRE_ISOLATION"]["value"] == "1"
     assert env["REPL_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
