@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import aiohttp_cors
 from aiohttp import web
 
@@ -10,6 +12,8 @@ from .isolation import Isolation
 from .manager import SessionManager
 from .metrics import Metrics
 from .settings import Settings
+
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 
 def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions]:
@@ -23,6 +27,16 @@ def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
 async def _start(app: web.Application) -> None:
     await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
     app[routes.MANAGER].start()
+
+
+def _stamp_replica(replica_id: str) -> ResponseHook:
+    """X-Replica on every response, streams and errors included: behind a balancer, the
+    client sees which replica holds its session (on_response_prepare runs for all)."""
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Replica"] = replica_id
+
+    return stamp
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -42,6 +56,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[routes.METRICS] = metrics
     app[routes.MANAGER] = SessionManager(settings, isolation, metrics)
     app.on_startup.append(_start)
+    app.on_response_prepare.append(_stamp_replica(settings.replica_id))
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_sessions)
     cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))

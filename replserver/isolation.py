@@ -83,7 +83,9 @@ class Isolation:
         self.netns = False
         if settings.network == "none":
             self._seccomp = compile_filter()
-            self.netns = self.root
+            # unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN, which a container's root lacks
+            # unless it is added: without it, seccomp alone keeps the network out.
+            self.netns = self.root and has_capability(CAP_SYS_ADMIN)
         self.cgroups = CgroupTree.create() if settings.cgroups == "auto" else None
         self.bwrap = shutil.which(settings.bubblewrap_path) if settings.bubblewrap else None
         base = Path(settings.work_dir or tempfile.gettempdir())
@@ -113,6 +115,10 @@ class Isolation:
             )
         if settings.network == "host":
             self.layers.notes.append("REPL_NETWORK=host: user code has the host's network")
+        elif self.root and not self.netns:
+            self.layers.notes.append(
+                "no CAP_SYS_ADMIN: no network namespace per child; seccomp refuses sockets"
+            )
 
     def fall_back_to_base_python(self) -> bool:
         """The children's uid cannot run the configured interpreter (a virtual environment
@@ -213,6 +219,19 @@ def install_runner(source: str, directory: Path) -> str:
     copy.chmod(0o644)
     py_compile.compile(str(copy), doraise=True)
     return str(copy)
+
+
+CAP_SYS_ADMIN = 21
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process holds capability number `cap` in its effective set."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> cap & 1)
 
 
 def _kill_uid(uid: int) -> None:

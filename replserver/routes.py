@@ -246,6 +246,7 @@ async def health(request: web.Request) -> web.Response:
             "stateless": False,
             "timestamp": now,
             "sessions": len(request.app[MANAGER]),
+            "replica": request.app[SETTINGS].replica_id,
             "isolation": request.app[ISOLATION].layers.as_json(),
         }
     )

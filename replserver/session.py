@@ -234,5 +234,5 @@ class Session:
         child, self._child = self._child, None
         if child is not None:
             if child.current is not None:
-                child.kill(f"{reason[:1].upper()}{reason[1:]}; its state was lost.")
+                child.kill(f"The session's Python process was ended: {reason}; its state was lost.")
             self._pool.discard(child)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -70,6 +71,9 @@ class Settings:
     spawn_timeout_s: float = 20.0
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
+    # Names this server in the X-Replica header and /health, so that a client or test
+    # behind a load balancer sees which replica answered (the pod name on Kubernetes).
+    replica_id: str = field(default_factory=socket.gethostname)
 
     @property
     def development(self) -> bool:
@@ -111,6 +115,8 @@ class Settings:
             raise ValueError("REPL_CGROUPS must be 'auto' or 'off'")
         if self.max_body_bytes >= self.max_frame_bytes:
             raise ValueError("REPL_MAX_BODY_BYTES must be below REPL_MAX_FRAME_BYTES")
+        if not (self.replica_id.isascii() and self.replica_id.isprintable()):
+            raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -196,4 +202,5 @@ ENV_VARS: dict[str, str] = {
     "spawn_timeout_s": "REPL_SPAWN_TIMEOUT_S",
     "shutdown_grace_s": "REPL_SHUTDOWN_GRACE_S",
     "log_level": "REPL_LOG_LEVEL",
+    "replica_id": "REPL_REPLICA_ID",
 }

@@ -215,3 +215,20 @@ async def test_reset_ends_grandchildren(make_client: MakeClient) -> None:
         assert int(after["output"]) not in pids
     finally:
         kill_leftovers(pids)
+
+
+async def test_sigterm_tells_a_running_execution_why_it_ended() -> None:
+    async with server_process() as server:
+        url = f"{server.base}/execute/busy"
+        reply = asyncio.ensure_future(
+            server.http.post(url, json={"code": "import time\ntime.sleep(60)"})
+        )
+        await asyncio.sleep(0.5)  # the child has started and runs the sleep
+        server.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            resp = await reply
+            body = await resp.json()
+            await server.proc.wait()
+        assert resp.status == 200
+        assert "ended: the server is shutting down" in body["error"], body
+        assert body["namespaceSurvived"] is False and body["returnCode"] == 1

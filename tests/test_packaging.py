@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import re
+import signal
 import socket
 import subprocess
+import time
 import venv
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def dockerfile_cmd() -> list[str]:
-    text = (ROOT / "Dockerfile").read_text()
-    match = re.search(r"^CMD (\[.*\])$", text, re.MULTILINE)
-    assert match, "Dockerfile has no exec-form CMD"
-    cmd: list[str] = json.loads(match.group(1))
-    assert "RUN pip install . " in text, "the test installs the way the Dockerfile does"
-    return cmd
+from . import dockerfile
+from .dockerfile import DOCKERFILE, ROOT
 
 
 def free_port() -> int:
@@ -58,14 +50,21 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(300)
 async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: Path) -> None:
+    """The image's CMD with the image's ENV (all configuration is by environment), its
+    HEALTHCHECK command against it, and a graceful stop on its STOPSIGNAL."""
     python = installed_python
-    cmd = dockerfile_cmd()
-    assert cmd[:3] == ["python", "-m", "replserver"]
+    assert "RUN pip install . " in DOCKERFILE.read_text(), "install the way the Dockerfile does"
+    cmd = dockerfile.exec_form("CMD")
+    assert cmd == ["python", "-m", "replserver"], "flags would override the environment"
+    image_env = dockerfile.env()
+    assert image_env["REPL_HOST"] == "0.0.0.0"
     port = free_port()
+    # The image binds 0.0.0.0:8000; tests stay on loopback, on a free port.
+    env = {**os.environ, **image_env, "REPL_HOST": "127.0.0.1", "REPL_PORT": str(port)}
     args = [str(python), *cmd[1:]]
-    args[args.index("--port") + 1] = str(port)
-    args[args.index("--host") + 1] = "127.0.0.1"  # the image binds 0.0.0.0; tests stay on loopback
-    proc = await asyncio.create_subprocess_exec(*args, cwd=tmp_path, start_new_session=True)
+    proc = await asyncio.create_subprocess_exec(
+        *args, cwd=tmp_path, env=env, start_new_session=True
+    )
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(30):
             while True:
@@ -79,7 +78,17 @@ async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: 
             async with http.post(url, json={"code": "x = 6 * 7\nprint(x)"}) as resp:
                 body = await resp.json()
         assert body["output"] == "42\n", body
-    finally:
-        proc.terminate()
+        check = dockerfile.exec_form("HEALTHCHECK")
+        assert check[0] == "python"
+        health = await asyncio.create_subprocess_exec(str(python), *check[1:], env=env)
+        assert await asyncio.wait_for(health.wait(), 10) == 0, "HEALTHCHECK failed"
+        stop_signal = dict(dockerfile.instructions())["STOPSIGNAL"]
+        started = time.monotonic()
+        proc.send_signal(getattr(signal, stop_signal))
         await asyncio.wait_for(proc.wait(), 10)
-    assert proc.returncode == 0 or proc.returncode == -15
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode == 0, "the server did not exit cleanly on the image's STOPSIGNAL"
+    assert time.monotonic() - started < 5

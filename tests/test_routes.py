@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import ClientResponse
 
 from replserver import __version__
+from replserver.settings import Settings
 
 from .conftest import Client, MakeClient, execute, parse_sse
 
@@ -295,3 +297,43 @@ async def test_cors_production_only_listed_origins(make_client: MakeClient) -> N
     pre_evil = await client.options("/execute/cors", headers=preflight_headers("http://evil.test"))
     assert "Access-Control-Allow-Origin" not in pre_evil.headers
     assert pre_evil.status >= 400
+
+
+# --- replica id ----------------------------------------------------------------------------
+
+
+async def test_replica_header_on_every_response(make_client: MakeClient) -> None:
+    client = await make_client(
+        replica_id="replica-7", environment="development", max_body_bytes=1000
+    )
+    health = await client.get("/health")
+    assert health.headers["X-Replica"] == "replica-7"
+    assert (await health.json())["replica"] == "replica-7"
+    responses = [
+        await client.post("/execute/rid", json={"code": "print(1)"}),
+        await client.post("/execute-stream/rid", json={"code": "print(1)"}),
+        await client.post("/interrupt/rid"),
+        await client.post("/reset/rid"),
+        await client.post("/execute/bad.id", json={"code": "print(1)"}),  # 400
+        await client.post("/execute/rid", data=b"x" * 2000),  # 413
+        await client.get("/no-such-route"),  # 404
+        await client.options("/execute/rid", headers=preflight_headers("http://a.test")),
+    ]
+    statuses = [resp.status for resp in responses]
+    assert statuses == [200, 200, 200, 200, 400, 413, 404, 200]
+    for resp in responses:
+        await resp.read()
+        assert resp.headers.get("X-Replica") == "replica-7", (resp.url, resp.status)
+    # Browsers let page scripts read it only when CORS exposes it.
+    cors = await client.post(
+        "/execute/rid", json={"code": "1"}, headers={"Origin": "http://a.test"}
+    )
+    exposed = cors.headers.get("Access-Control-Expose-Headers", "").upper()
+    assert "X-REPLICA" in exposed, cors.headers
+
+
+def test_replica_id_setting() -> None:
+    assert Settings.from_env({}).replica_id == socket.gethostname()
+    assert Settings.from_env({"REPL_REPLICA_ID": "pod-3"}).replica_id == "pod-3"
+    with pytest.raises(ValueError, match="REPL_REPLICA_ID"):
+        Settings.from_env({"REPL_REPLICA_ID": "a\r\nSet-Cookie: x"})

@@ -1,0 +1,111 @@
+"""Real `python -m replserver` processes for tests: on free loopback ports, ready, stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+
+import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pid_gone(pid: int) -> bool:
+    """True if no such process runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+class Replica:
+    """One server process and where it listens."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path | None) -> None:
+        self.proc = proc
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    def __repr__(self) -> str:
+        return f"<Replica pid={self.proc.pid} port={self.port} rc={self.proc.returncode}>"
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-2000:] if self.log and self.log.exists() else ""
+
+    async def wait_ready(self, timeout_s: float = 20) -> None:
+        """Poll /health until it answers 200; fail at once if the process exits."""
+        async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
+            while True:
+                assert self.proc.returncode is None, f"exited at start-up:\n{self.log_tail()}"
+                with suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"{self.base}/health") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+
+    async def stop(self, timeout_s: float = 10) -> int:
+        """SIGTERM, as an orchestrator stops a container; the exit status."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), timeout_s)
+
+    async def kill(self) -> None:
+        """SIGKILL the whole process group (cleanup after a test, whatever happened)."""
+        if self.proc.returncode is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+
+
+async def start(
+    port: int | None = None,
+    *,
+    prefix: Sequence[str] = (),
+    log: Path | None = None,
+    **env: str,
+) -> Replica:
+    """Start `[prefix...] python -m replserver` with a clean REPL_* environment plus `env`."""
+    port = port or free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
+    clean.pop("ENVIRONMENT", None)
+    clean.pop("CORS_ORIGINS", None)
+    clean.update(
+        REPL_HOST="127.0.0.1",
+        REPL_PORT=str(port),
+        REPL_LOG_LEVEL="warning",
+        REPL_SHUTDOWN_GRACE_S="1",
+    )
+    clean.update(env)
+    out = log.open("ab") if log is not None else None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix,
+            sys.executable,
+            "-m",
+            "replserver",
+            cwd=REPO_ROOT,
+            env=clean,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out or asyncio.subprocess.DEVNULL,
+            stderr=out or asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
+    return Replica(proc, port, log)
