@@ -9,8 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Only what the package needs to install: pyproject.toml, README.md (the long description),
-# the package and the child script. The same `pip install .` is exercised by the tests.
-COPY pyproject.toml README.md runner_child.py ./
+# the package and the child scripts. The same `pip install .` is exercised by the tests.
+COPY pyproject.toml README.md runner_child.py runner_repl.py ./
 COPY replserver ./replserver
 RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-packages \
     && useradd --system --uid 10001 --home-dir /home/repl --create-home repl

@@ -21,3 +21,7 @@ class ShuttingDown(ReplError):
 
 class ProtocolError(ReplError):
     """The child sent something that is not a valid frame; the child is ended."""
+
+
+class NoInputPending(ReplError):
+    """An answer to input() arrived, but nothing in the session is waiting for one (409)."""

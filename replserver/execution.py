@@ -8,11 +8,31 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from .protocol import T_STDERR, T_STDOUT, Done
+from .errors import NoInputPending
+from .protocol import (
+    T_DISPLAY,
+    T_INPUT_REQUEST,
+    T_RESULT,
+    T_STDERR,
+    T_STDOUT,
+    Done,
+    InputRequest,
+)
 
-__all__ = ["T_STDERR", "T_STDOUT", "Chunk", "Execution", "Failure"]
+__all__ = [
+    "T_DISPLAY",
+    "T_INPUT_REQUEST",
+    "T_RESULT",
+    "T_STDERR",
+    "T_STDOUT",
+    "Chunk",
+    "Execution",
+    "Failure",
+]
 
-Chunk = tuple[int, bytes]  # (T_STDOUT or T_STDERR, raw bytes)
+# (frame type, payload): raw output bytes of T_STDOUT or T_STDERR, the UTF-8 repr of a
+# T_RESULT, the JSON of a T_DISPLAY, the raw payload of a T_INPUT_REQUEST.
+Chunk = tuple[int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +60,11 @@ class Execution:
         "_pause",
         "_paused",
         "_remaining",
+        "_reply",
         "_resume",
         "_waiter",
         "finished",
+        "input_request",
         "notes",
         "outcome",
         "started",
@@ -58,6 +80,7 @@ class Execution:
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_end: Callable[[], None],
+        reply: Callable[[int, str | None], None] = lambda number, value: None,
     ) -> None:
         self._chunks: deque[Chunk] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -68,7 +91,9 @@ class Execution:
         self._paused = False
         self._detached = False
         self._on_end = on_end
+        self._reply = reply  # sends an answer to the child's input request
         self._remaining = max_output
+        self.input_request: InputRequest | None = None  # the child waits for its answer
         self.truncated = False  # output past max_output was dropped
         self.notes: list[str] = []  # the server's own messages, appended to stderr text
         self.stopped_by: str | None = None  # "timeout" or "interrupted", when we stopped it
@@ -100,14 +125,18 @@ class Execution:
         return "exception" if outcome.reason == "exit" else outcome.reason
 
     def push(self, kind: int, data: bytes) -> None:
+        """Output, a result or a display: all count towards the output cap."""
         if self.outcome is not None:
             return
         size = len(data)
         if size > self._remaining:
-            # Past the cap the bytes are dropped and the code runs on (README: limits).
+            # Past the cap the bytes are dropped and the code runs on (README: limits). A
+            # result or display is never cut (that would break its JSON): it goes whole.
             if self.truncated:
                 return
             self.truncated = True
+            if kind != T_STDOUT and kind != T_STDERR:
+                return
             data = data[: self._remaining]
             size = len(data)
         self._remaining -= size
@@ -120,11 +149,33 @@ class Execution:
             self._pause()
         self._wake()
 
+    def request_input(self, request: InputRequest, payload: bytes) -> None:
+        """The child waits in input(); with no client left to answer, it gets end of input."""
+        if self.outcome is not None:
+            return
+        if self._detached:
+            self._reply(request.number, None)
+            return
+        self.input_request = request
+        # Not counted against the output cap: the prompt is short (cut by the child) and
+        # there is one at a time; dropping it would leave the code waiting for nothing.
+        self._chunks.append((T_INPUT_REQUEST, payload))
+        self._wake()
+
+    def answer(self, value: str) -> None:
+        """Send `value` as the answer to the pending input request."""
+        request = self.input_request
+        if request is None or self.outcome is not None:
+            raise NoInputPending("no input request is waiting for an answer in this session")
+        self.input_request = None
+        self._reply(request.number, value)
+
     def finish(self, outcome: Done | Failure) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
         self.finished = time.monotonic()
+        self.input_request = None
         if self._paused:
             self._paused = False
             self._resume()
@@ -169,10 +220,14 @@ class Execution:
         return self.outcome
 
     def detach(self) -> None:
-        """The consumer is gone: drop buffered and future output, never pause the child."""
+        """The consumer is gone: drop buffered and future output, never pause the child;
+        an input request nobody can see any more gets end of input."""
         self._detached = True
         self._chunks.clear()
         self._buffered = 0
         if self._paused:
             self._paused = False
             self._resume()
+        request, self.input_request = self.input_request, None
+        if request is not None and self.outcome is None:
+            self._reply(request.number, None)

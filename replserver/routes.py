@@ -11,7 +11,14 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, streaming
-from .errors import BadRequest, ChildStartError, ProtocolError, ReplError, ShuttingDown
+from .errors import (
+    BadRequest,
+    ChildStartError,
+    NoInputPending,
+    ProtocolError,
+    ReplError,
+    ShuttingDown,
+)
 from .manager import SessionManager
 from .settings import Settings
 
@@ -23,6 +30,7 @@ SETTINGS = web.AppKey("settings", Settings)
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _STATUS: dict[type[ReplError], int] = {
     BadRequest: 400,
+    NoInputPending: 409,
     ChildStartError: 503,
     ShuttingDown: 503,
     ProtocolError: 502,
@@ -62,8 +70,8 @@ def session_id(request: web.Request) -> str:
     return value
 
 
-async def read_request(request: web.Request) -> tuple[str, float | None]:
-    """The `code` and optional `timeout` fields of a JSON object body, checked."""
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The request body: a JSON object, or BadRequest."""
     body = await request.read()  # aiohttp answers 413 past client_max_size
     try:
         data = json.loads(body)
@@ -71,6 +79,12 @@ async def read_request(request: web.Request) -> tuple[str, float | None]:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    return data
+
+
+async def read_request(request: web.Request) -> tuple[str, float | None]:
+    """The `code` and optional `timeout` fields of a JSON object body, checked."""
+    data = await read_object(request)
     code = data.get("code")
     if code is None:
         raise BadRequest("field 'code' is required")
@@ -100,9 +114,24 @@ async def execute(request: web.Request) -> web.Response:
 async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     code, timeout_s = await read_request(request)
-    run = await request.app[MANAGER].get(sid).start(code, timeout_s=timeout_s)
+    session = request.app[MANAGER].get(sid)
+    run = await session.start(code, timeout_s=timeout_s, interactive=True)
     limit = request.app[SETTINGS].max_output_bytes
     return await streaming.stream(request, run, output_limit=limit)
+
+
+async def answer_input(request: web.Request) -> web.Response:
+    """The answer to the input() a stream of this session is waiting in."""
+    sid = session_id(request)
+    data = await read_object(request)
+    value = data.get("value")
+    if not isinstance(value, str):
+        raise BadRequest("field 'value' is required and must be a string")
+    session = request.app[MANAGER].find(sid)
+    if session is None:
+        raise NoInputPending("no such session, so no input is awaited")
+    session.answer_input(value)
+    return web.json_response({"sessionId": sid, "answered": True})
 
 
 async def interrupt(request: web.Request) -> web.Response:
@@ -136,6 +165,7 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
     return [
         app.router.add_post("/execute/{session_id}", execute),
         app.router.add_post("/execute-stream/{session_id}", execute_stream),
+        app.router.add_post("/input/{session_id}", answer_input),
         app.router.add_post("/reset/{session_id}", reset),
         app.router.add_post("/interrupt/{session_id}", interrupt),
         app.router.add_get("/health", health),

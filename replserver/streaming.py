@@ -10,12 +10,22 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .execution import T_STDOUT, Chunk, Execution, Failure
-from .protocol import Done
+from .execution import (
+    T_DISPLAY,
+    T_INPUT_REQUEST,
+    T_RESULT,
+    T_STDERR,
+    T_STDOUT,
+    Chunk,
+    Execution,
+    Failure,
+)
+from .protocol import Done, InputRequest
 from .session import Run
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 EVENT_TYPE = {T_STDOUT: "output"}  # anything else is stderr: "error"
+_TEXT = (T_STDOUT, T_STDERR)
 
 
 def _decoder() -> codecs.IncrementalDecoder:
@@ -25,12 +35,13 @@ def _decoder() -> codecs.IncrementalDecoder:
 
 
 def merge(batch: Iterable[Chunk]) -> list[Chunk]:
-    """Join neighbouring chunks of the same stream: fewer, larger events for a slow client."""
+    """Join neighbouring chunks of the same output stream: fewer, larger events for a slow
+    client. Results, displays and input requests stay separate, in place."""
     merged: list[Chunk] = []
     pending: list[bytes] = []
     kind = -1
     for chunk_kind, data in batch:
-        if chunk_kind != kind and pending:
+        if (chunk_kind != kind or chunk_kind not in _TEXT) and pending:
             merged.append((kind, b"".join(pending)))
             pending = []
         kind = chunk_kind
@@ -38,6 +49,15 @@ def merge(batch: Iterable[Chunk]) -> list[Chunk]:
     if pending:
         merged.append((kind, pending[0] if len(pending) == 1 else b"".join(pending)))
     return merged
+
+
+def display_data(payload: bytes) -> dict[str, Any] | None:
+    """The mime bundle of a display frame; None if the frame is not one (never raises)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def completion_fields(run: Run) -> dict[str, Any]:
@@ -75,19 +95,44 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
     execution = run.execution
     out: list[bytes] = []
     err: list[bytes] = []
+    result: str | None = None
+    displays: list[dict[str, Any]] = []
     try:
         async for batch in execution.batches():
             for kind, data in batch:
-                (out if kind == T_STDOUT else err).append(data)
+                if kind == T_STDOUT:
+                    out.append(data)
+                elif kind == T_STDERR:
+                    err.append(data)
+                elif kind == T_RESULT:
+                    result = data.decode("utf-8", "replace")
+                elif kind == T_DISPLAY and (bundle := display_data(data)) is not None:
+                    displays.append(bundle)
+                # No input request reaches /execute: its code gets EOFError from input().
     finally:
         execution.detach()
     error = b"".join(err).decode("utf-8", "replace") + server_text(execution, output_limit)
     reply: dict[str, Any] = {
         "output": b"".join(out).decode("utf-8", "replace"),
         "error": error or None,
+        "result": result,
+        "displays": displays,
     }
     reply.update(completion_fields(run))
     return reply
+
+
+def event(kind: int, data: bytes) -> dict[str, Any] | None:
+    """The SSE event of a result, display or input request chunk."""
+    if kind == T_RESULT:
+        return {"type": "result", "content": data.decode("utf-8", "replace")}
+    if kind == T_DISPLAY:
+        bundle = display_data(data)
+        return None if bundle is None else {"type": "display", "data": bundle}
+    if kind == T_INPUT_REQUEST:
+        request = InputRequest.decode(data)
+        return {"type": "input_request", "prompt": request.prompt, "password": request.password}
+    return None
 
 
 async def stream(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
@@ -103,6 +148,11 @@ async def stream(request: web.Request, run: Run, *, output_limit: int) -> web.St
             await send(dumps({"type": "restart", "reason": run.restart_reason}))
         async for batch in execution.batches():
             for kind, data in merge(batch) if len(batch) > 1 else batch:
+                if kind not in _TEXT:
+                    rich = event(kind, data)
+                    if rich is not None:
+                        await send(dumps(rich))
+                    continue
                 key = T_STDOUT if kind == T_STDOUT else -1
                 text = decoders[key].decode(data)
                 if text:

@@ -59,6 +59,7 @@ async def test_execute_reply_shape(client: Client) -> None:
     assert body["executionCount"] == 1
     assert isinstance(body["durationMs"], (int, float)) and body["durationMs"] >= 0
     assert body["restarted"] is False
+    assert body["result"] is None and body["displays"] == []  # always present
 
 
 async def test_execute_reply_with_error(client: Client) -> None:
