@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -161,6 +162,42 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+# --- the built-in web REPL page -------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+# Everything the page shows comes from its own origin; HTML displays render in a sandboxed
+# frame without scripts; images come as data: URLs.
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline';"
+        " object-src 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+
+
+def static_file(name: str) -> web.FileResponse:
+    headers = {**PAGE_HEADERS, "Content-Type": STATIC_FILES[name]}
+    return web.FileResponse(STATIC_DIR / name, headers=headers)
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return static_file("index.html")
+
+
+async def static(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES or name == "index.html":
+        raise web.HTTPNotFound(text=f"no static file {name!r}")
+    return static_file(name)
+
+
 def add_routes(app: web.Application) -> list[web.AbstractRoute]:
     return [
         app.router.add_post("/execute/{session_id}", execute),
@@ -169,4 +206,6 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         app.router.add_post("/reset/{session_id}", reset),
         app.router.add_post("/interrupt/{session_id}", interrupt),
         app.router.add_get("/health", health),
+        app.router.add_get("/", page),
+        app.router.add_get("/static/{name}", static),
     ]
