@@ -80,7 +80,7 @@ class Execution:
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_end: Callable[[], None],
-        reply: Callable[[int, str | None], None] = lambda number, value: None,
+        reply: Callable[[int, str | None], None],
     ) -> None:
         self._chunks: deque[Chunk] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -103,7 +103,8 @@ class Execution:
 
     def __repr__(self) -> str:
         state = "running" if self.outcome is None else type(self.outcome).__name__.lower()
-        return f"<Execution {state} buffered={self._buffered} detached={self._detached}>"
+        waiting = " waiting-for-input" if self.input_request is not None else ""
+        return f"<Execution {state}{waiting} buffered={self._buffered} detached={self._detached}>"
 
     @property
     def duration_ms(self) -> float:
