@@ -9,6 +9,11 @@ keeps it from ever touching the protocol stream.
 Stdlib only, and as few imports as possible: every session pays for them at start-up.
 The frame layout is duplicated from replserver/protocol.py on purpose (this file must not
 import the server package into the user's sys.modules); a test checks that they agree.
+
+Beyond output, the runner gives user code what a REPL gives: the value of a final expression
+(sys.displayhook, kept in `_`), rich displays of objects that follow IPython's `_repr_*_`
+convention (`display()` is a builtin), input() and getpass answered through the stream, and
+matplotlib figures as PNG displays. Most of that lives in runner_repl.py, next to this file.
 """
 
 from __future__ import annotations
@@ -24,16 +29,29 @@ import sys
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
 if TYPE_CHECKING:
     import traceback
+    from collections.abc import Callable
+    from typing import NoReturn
+
+    from runner_repl import Repl
 
 # --- framing (mirror of replserver/protocol.py) -------------------------------------------
 HEADER_SIZE = 5  # 1 byte type + 4 bytes big-endian payload length
 T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
 FLAG_REAP = 0x01  # EXEC flag: the server killed processes of ours; reap their zombies first
+FLAG_INPUT = 0x02  # EXEC flag: a client can answer input requests (a stream)
+T_INPUT_REPLY = 0x69  # 'i' server -> child: request number (4), status byte, UTF-8 value
 T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
 T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
-T_DONE = 0x44  # 'D' child -> server: execution finished (see _done_payload)
+T_RESULT = 0x56  # 'V' child -> server: UTF-8 repr of the value of the final expression
+T_DISPLAY = 0x4D  # 'M' child -> server: a JSON mime bundle (binary data base64-encoded)
+T_INPUT_REQUEST = 0x49  # 'I' child -> server: request number (4), flags byte, UTF-8 prompt
+T_DONE = 0x44  # 'D' child -> server: execution finished (see finish)
 T_READY = 0x52  # 'R' child -> server: set up, waiting for work; payload: pid as text
 T_FATAL = 0x21  # '!' child -> server: protocol error text; the child exits after it
+
+INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: do not echo (getpass)
+INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
+INPUT_EOF = 1  # INPUT_REPLY status: no value will come (the client went away)
 
 REASON_OK = 0
 REASON_EXCEPTION = 1
@@ -42,8 +60,12 @@ REASON_INTERRUPTED = 3
 REASON_MEMORY = 4
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+DEFAULT_MAX_RESULT = 100_000
 READ_CHUNK = 256 * 1024
 BURST_WINDOW_S = 0.002
+PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
+
+NO_INPUT_MESSAGE = "input() is not available in /execute: use /execute-stream to answer it"
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
@@ -51,19 +73,58 @@ def encode_frame(kind: int, payload: bytes) -> bytes:
     return bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
 
 
-class Runner:
+def _load_sibling(name: str) -> tuple[dict[str, object], str]:
+    """Run the module `name`.py next to this file, from its cached bytecode where there is
+    one (a script is compiled at every start, a module is not), without putting it in
+    the user's sys.modules; its namespace and path."""
+    import _frozen_importlib_external  # already loaded: the import system itself
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    namespace: dict[str, object] = {"__name__": name, "__file__": path}
+    code = _frozen_importlib_external.SourceFileLoader(name, path).get_code(name)
+    if code is None:
+        raise ImportError(f"no code in {path}")
+    exec(code, namespace)
+    return namespace, path
+
+
+if TYPE_CHECKING:
+    REPL_FILE = ""
+else:
+    _repl, REPL_FILE = _load_sibling("runner_repl")
+    Repl = _repl["Repl"]
+RUNNER_FILES = frozenset((__file__, REPL_FILE))  # frames of these are left out of tracebacks
+
+
+class Runner(Repl):
     """The session's interpreter state and the loop serving execute requests."""
 
     def __init__(
-        self, proto_in: int, proto_out: int, max_frame: int, usage: Usage, output_fds: str = ""
+        self,
+        proto_in: int,
+        proto_out: int,
+        max_frame: int,
+        usage: Usage,
+        output_fds: str = "",
+        max_result: int = DEFAULT_MAX_RESULT,
     ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.max_frame = max_frame
+        self.max_result = max_result  # characters of a repr or prompt before it is cut
         self.count = 0
         self.running = False  # SIGINT raises KeyboardInterrupt only while user code runs
+        # While the main thread moves a frame in or out, a SIGINT is held back (a frame cut
+        # in half would desynchronise the protocol) and raised right after.
+        self.deferring = False
+        self.interrupted = False
         self.forked = False  # True in a process user code made with os.fork()
         self.usage = usage
+        self.main_thread = _thread.get_ident()
+        self.inbuf = bytearray()  # request bytes read but not yet consumed
+        self.input_allowed = False  # FLAG_INPUT of the execution in progress
+        self.input_number = 0
+        self.pyplot_show: Callable[..., None] | None = None  # our pyplot.show, once patched
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
@@ -83,6 +144,7 @@ class Runner:
             self.out_r, self.out_w = self._tune(*os.pipe())
             self.err_r, self.err_w = self._tune(*os.pipe())
         self._install_std_fds()
+        self.install_hooks()
 
     # --- descriptors ------------------------------------------------------------------------
     @staticmethod
@@ -146,6 +208,41 @@ class Runner:
         with self.lock:
             self._write(encode_frame(kind, payload))
 
+    def send_in_order(self, kind: int, payload: bytes) -> None:
+        """Send a frame from user code: after all output written before it, and whole."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - user may have replaced or closed it
+                pass
+        if self.forked:  # a copy made by os.fork() has no protocol pipes
+            return
+        frame = encode_frame(kind, payload)
+        main = _thread.get_ident() == self.main_thread
+        if main:
+            self.deferring = True
+        try:
+            with self.lock:
+                self._forward_available()
+                self._write(frame)
+        finally:
+            if main:
+                self.deferring = False
+        if main:
+            self._raise_deferred()
+
+    def send_result(self, text: str) -> None:
+        self.send_in_order(T_RESULT, self._utf8(text))
+
+    def send_display_json(self, payload: bytes) -> None:
+        self.send_in_order(T_DISPLAY, payload)
+
+    def _raise_deferred(self) -> None:
+        if self.interrupted:
+            self.interrupted = False
+            if self.running:
+                raise KeyboardInterrupt
+
     def _forward_available(self) -> bool:
         """Forward what the output pipes hold now; caller holds the lock. False if nothing."""
         moved = False
@@ -201,31 +298,63 @@ class Runner:
             os._exit(0)
 
     # --- frames in --------------------------------------------------------------------------
-    def _read_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = os.read(self.proto_in, n - len(buf))
-            if not chunk:
+    def read_frame(self) -> tuple[int, bytes]:
+        """The next request frame. While user code runs (an input wait) a SIGINT cuts the
+        wait, and the bytes of a half-read frame stay in the buffer for the next call."""
+        buf = self.inbuf
+        while True:
+            if len(buf) >= HEADER_SIZE:
+                kind, size = buf[0], int.from_bytes(buf[1:HEADER_SIZE], "big")
+                if size > self.max_frame:
+                    self.fatal(f"request frame of {size} bytes exceeds {self.max_frame}")
+                end = HEADER_SIZE + size
+                if len(buf) >= end:
+                    payload = bytes(buf[HEADER_SIZE:end])
+                    del buf[:end]
+                    return kind, payload
+                wanted = end - len(buf)
+            else:
+                wanted = HEADER_SIZE - len(buf)
+            self._fill(max(wanted, 65536))
+
+    def _fill(self, size: int) -> None:
+        if not self.running:  # between executions: SIGINT does nothing, just block
+            data = os.read(self.proto_in, size)
+            if not data:
                 self.server_gone()
-            buf += chunk
-        return bytes(buf)
+            self.inbuf += data
+            return
+        import select
+
+        select.select([self.proto_in], [], [])  # a KeyboardInterrupt may end the wait here
+        self.deferring = True
+        try:
+            data = os.read(self.proto_in, size)  # readable: does not block
+            self.inbuf += data
+        finally:
+            self.deferring = False
+        if not data:
+            self.server_gone()
+        self._raise_deferred()
+
+    def fatal(self, message: str) -> NoReturn:
+        """Tell the server the protocol broke, and exit."""
+        self.send(T_FATAL, message.encode())
+        os._exit(2)
 
     def serve(self) -> None:
         self.send(T_READY, str(os.getpid()).encode())
+        # The parser's tables are built on first use (~1.5 ms): pay for that while idle.
+        compile("0", "<warm-up>", "exec", PyCF_ONLY_AST, dont_inherit=True)
         while True:
-            header = self._read_exact(HEADER_SIZE)
-            kind, size = header[0], int.from_bytes(header[1:], "big")
-            if size > self.max_frame:
-                message = f"request frame of {size} bytes exceeds {self.max_frame}"
-                self.send(T_FATAL, message.encode())
-                os._exit(2)
-            payload = self._read_exact(size)
+            kind, payload = self.read_frame()
+            if kind == T_INPUT_REPLY:
+                continue  # an answer that came after its execution ended (a stop): stale
             if kind != T_EXEC or not payload:
-                self.send(T_FATAL, f"unexpected frame type {kind:#x}".encode())
-                os._exit(2)
+                self.fatal(f"unexpected frame type {kind:#x}")
             if payload[0] & FLAG_REAP:
                 self.reap_zombies()
-            self.execute(payload[1:].decode("utf-8", "surrogatepass"))
+            self.execute(payload[1:].decode("utf-8", "surrogatepass"), payload[0])
 
     @staticmethod
     def reap_zombies() -> None:
@@ -263,20 +392,36 @@ class Runner:
         # Between executions an interrupt (a timeout racing the completion) has nothing to
         # stop; raising it then would break the serve loop instead of user code.
         if self.running:
-            raise KeyboardInterrupt
+            if self.deferring:
+                self.interrupted = True
+            else:
+                raise KeyboardInterrupt
 
-    def execute(self, code: str) -> None:
+    def execute(self, code: str, flags: int = 0) -> None:
         self.count += 1
+        self.input_allowed = bool(flags & FLAG_INPUT)
+        self.interrupted = False
         self._restore_std_fds()
         name = f"<cell-{self.count}>"
         self.sources[name] = code
+        return_code, reason, note = self._run(self._run_cell, code, name)
+        if "matplotlib.pyplot" in sys.modules and not self.forked:
+            # Figures the code left open are shown and closed, as in a notebook.
+            flushed = self._run(self.flush_figures)
+            if return_code == 0:
+                return_code, reason, note = flushed
+        if self.forked:
+            self._exit_forked(return_code)
+        self.finish(return_code, reason, note)
+
+    def _run(self, function: Callable[..., None], *args: str) -> tuple[int, int, str]:
+        """Call user-facing work with SIGINT armed; report what it raised."""
         return_code, reason, note = 0, REASON_OK, ""
         self.usage.start()
         try:
             self.running = True
             try:
-                compiled = compile(code, name, "exec", dont_inherit=True)
-                exec(compiled, self.module.__dict__)
+                function(*args)
             finally:
                 self.running = False
         except SystemExit as exc:
@@ -294,9 +439,24 @@ class Runner:
             else:
                 reason = REASON_EXCEPTION
             self.report(exc)
-        if self.forked:
-            self._exit_forked(return_code)
-        self.finish(return_code, reason, note)
+        return return_code, reason, note
+
+    def _run_cell(self, code: str, name: str) -> None:
+        """Run `code` as a module body; a final expression statement goes to sys.displayhook,
+        as in Python's REPL. Both parts are compiled before either runs."""
+        namespace = self.module.__dict__
+        tree = compile(code, name, "exec", PyCF_ONLY_AST, dont_inherit=True)
+        body = tree.body
+        from _ast import Expr, Interactive  # builtin module, no file access
+
+        if not body or type(body[-1]) is not Expr:
+            exec(compile(tree, name, "exec", dont_inherit=True), namespace)
+            return
+        # 'single' mode is the REPL's: it calls sys.displayhook with the expression's value.
+        last = compile(Interactive(body=[body.pop()]), name, "single", dont_inherit=True)
+        if body:
+            exec(compile(tree, name, "exec", dont_inherit=True), namespace)
+        exec(last, namespace)
 
     @staticmethod
     def _exit_forked(status: int) -> None:
@@ -338,6 +498,26 @@ class Runner:
                 continue
             view = view[n:]
 
+    def read_input(self, prompt: object, *, password: bool) -> str:
+        """Send an input request and wait for its answer (a stop ends the wait)."""
+        if not self.input_allowed:
+            raise EOFError(NO_INPUT_MESSAGE)
+        if self.forked or _thread.get_ident() != self.main_thread:
+            raise EOFError("input() can only be answered in the main thread of the session")
+        self.input_number = number = (self.input_number + 1) & 0xFFFFFFFF
+        flags = INPUT_PASSWORD if password else 0
+        request = number.to_bytes(4, "big") + bytes((flags,)) + self._utf8(self.cut(str(prompt)))
+        self.send_in_order(T_INPUT_REQUEST, request)
+        while True:
+            kind, payload = self.read_frame()
+            if kind != T_INPUT_REPLY:
+                self.fatal(f"unexpected frame type {kind:#x} while waiting for input")
+            if int.from_bytes(payload[:4], "big") == number:
+                break  # otherwise the answer to an earlier, interrupted request: stale
+        if payload[4:5] != bytes((INPUT_VALUE,)):
+            raise EOFError("no input: the client that could answer it went away")
+        return payload[5:].decode("utf-8", "surrogatepass")
+
     def finish(self, return_code: int, reason: int, note: str) -> None:
         """Forward every byte written so far, then the completion frame, in that order."""
         for stream in (sys.stdout, sys.stderr):
@@ -362,15 +542,15 @@ class Runner:
 def _strip_runner_frames(
     summary: traceback.TracebackException, stack_summary: type[traceback.StackSummary]
 ) -> None:
-    """Remove this file's frames (exec's caller, the SIGINT handler) from a traceback,
-    including those of chained exceptions and exception groups."""
+    """Remove the runner's frames (exec's caller, the SIGINT handler, the display hook) from
+    a traceback, including those of chained exceptions and exception groups."""
     pending, seen = [summary], set[int]()
     while pending:
         te = pending.pop()
         if id(te) in seen:
             continue
         seen.add(id(te))
-        te.stack = stack_summary.from_list([f for f in te.stack if f.filename != __file__])
+        te.stack = stack_summary.from_list([f for f in te.stack if f.filename not in RUNNER_FILES])
         pending.extend(x for x in (te.__cause__, te.__context__) if x is not None)
         pending.extend(getattr(te, "exceptions", None) or ())
 
@@ -449,8 +629,10 @@ def main() -> None:
     make_undumpable()
     proto_in, proto_out = os.dup(0), os.dup(1)
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
+    max_result = int(os.environ.pop("REPL_MAX_RESULT_CHARS", DEFAULT_MAX_RESULT))
     apply_limits(os.environ.pop("REPL_RLIMITS", ""))
-    runner = Runner(proto_in, proto_out, max_frame, usage, os.environ.pop("REPL_OUTPUT_FDS", ""))
+    output_fds = os.environ.pop("REPL_OUTPUT_FDS", "")
+    runner = Runner(proto_in, proto_out, max_frame, usage, output_fds, max_result)
     _signal.signal(_signal.SIGINT, runner.on_sigint)
     # SIGTERM comes from the server's shutdown ladder or, as the parent-death signal, from
     # the kernel when the server dies: either way, end everything this session started.

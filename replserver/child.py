@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import struct
 import subprocess
 from typing import Any, Literal
 
@@ -42,7 +43,10 @@ def child_environment(
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
+        # matplotlib draws without a display; the child turns plt.show() into image output.
+        "MPLBACKEND": "Agg",
         "REPL_MAX_FRAME_BYTES": str(settings.max_frame_bytes),
+        "REPL_MAX_RESULT_CHARS": str(settings.max_result_chars),
         "REPL_RLIMITS": ",".join(f"{name}={value}" for name, value in settings.rlimits.items()),
     }
 
@@ -165,14 +169,23 @@ class ChildProcess:
         self._stdin, self._stdout = stdin, stdout
 
     # --- work -----------------------------------------------------------------------------
-    def start(self, code: str, execution: Execution) -> None:
-        """Send `code`; frames from now on belong to `execution` until its completion."""
+    def start(self, code: str, execution: Execution, *, interactive: bool = False) -> None:
+        """Send `code`; frames from now on belong to `execution` until its completion.
+        `interactive`: a client can answer input(); otherwise input() raises EOFError."""
         if not self.alive or self._stdin is None:
             raise ProtocolError("the session's Python process is not running")
         assert self.current is None, "one execution at a time"
         self.current = execution
-        flags, self._reap = (protocol.FLAG_REAP if self._reap else 0), False
+        flags = (protocol.FLAG_REAP if self._reap else 0) | (
+            protocol.FLAG_INPUT if interactive else 0
+        )
+        self._reap = False
         self._stdin.write(protocol.encode_exec(code, flags))
+
+    def reply_input(self, number: int, value: str | None) -> None:
+        """Answer the child's input request `number` (None: end of input)."""
+        if self.alive and self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(protocol.encode_input_reply(number, value))
 
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
@@ -191,11 +204,19 @@ class ChildProcess:
             return
         for kind, payload in frames:
             current = self.current
-            if kind == protocol.T_STDOUT or kind == protocol.T_STDERR:
+            if kind in _OUTPUT_FRAMES:
                 if current is not None:
                     current.push(kind, payload)
                 # Output with no execution in flight (a background thread, a subprocess
                 # outliving its cell) is dropped: see the README's "Stray output".
+            elif kind == protocol.T_INPUT_REQUEST:
+                try:
+                    request = protocol.InputRequest.decode(payload)
+                except struct.error:
+                    self._broken("protocol error: malformed input request")
+                    return
+                if current is not None:
+                    current.request_input(request, payload)
             elif kind == protocol.T_DONE:
                 self.current = None
                 if current is not None:
@@ -338,6 +359,11 @@ class ChildProcess:
         lease, self._lease = self._lease, None
         if lease is not None and self._isolation is not None:
             await self._isolation.release(lease)
+
+
+_OUTPUT_FRAMES = frozenset(
+    (protocol.T_STDOUT, protocol.T_STDERR, protocol.T_RESULT, protocol.T_DISPLAY)
+)
 
 
 def _group_members(pgid: int) -> list[int]:

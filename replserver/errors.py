@@ -35,9 +35,9 @@ class NotFound(ReplError):
     """No such session or execution here (404)."""
 
 
-class NothingToDo(ReplError):
-    """The request refers to something that is not there or not waiting (409)."""
-
-
 class ProtocolError(ReplError):
     """The child sent something that is not a valid frame; the child is ended."""
+
+
+class NoInputPending(ReplError):
+    """An answer to input() arrived, but nothing in the session is waiting for one (409)."""

@@ -17,14 +17,37 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from .protocol import T_STDERR, T_STDOUT, Done
+from .errors import NoInputPending
+from .protocol import (
+    T_DISPLAY,
+    T_INPUT_REQUEST,
+    T_RESULT,
+    T_STDERR,
+    T_STDOUT,
+    Done,
+    InputRequest,
+)
 
-__all__ = ["T_END", "T_GAP", "T_STDERR", "T_STDOUT", "Entry", "Execution", "Failure"]
+__all__ = [
+    "T_DISPLAY",
+    "T_END",
+    "T_GAP",
+    "T_INPUT_REQUEST",
+    "T_RESULT",
+    "T_STDERR",
+    "T_STDOUT",
+    "Entry",
+    "Execution",
+    "Failure",
+]
 
 T_END = 0x100  # log entry: the execution is over (render notices and `complete`)
 T_GAP = 0x101  # reader-side marker: entries before this one were dropped from the log
 
-Entry = tuple[int, int, bytes]  # (sequence number, T_STDOUT / T_STDERR / T_END, payload)
+# (sequence number, kind, payload): raw output bytes of T_STDOUT or T_STDERR, the UTF-8
+# repr of a T_RESULT, the JSON of a T_DISPLAY, the raw payload of a T_INPUT_REQUEST, or
+# the empty payload of T_END.
+Entry = tuple[int, int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +75,13 @@ class Execution:
         "_readers",
         "_remaining",
         "_replay_bytes",
+        "_reply",
         "_resume",
         "_unread",
         "_waiter",
         "finished",
         "id",
+        "input_request",
         "notes",
         "outcome",
         "started",
@@ -75,8 +100,11 @@ class Execution:
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_end: Callable[[], None],
+        reply: Callable[[int, str | None], None],
     ) -> None:
         self.id = execution_id
+        self._reply = reply  # sends an answer to the child's input request
+        self.input_request: InputRequest | None = None  # the child waits for its answer
         self._log: deque[Entry] = deque()
         self._log_bytes = 0
         self._next_seq = 1
@@ -105,7 +133,10 @@ class Execution:
 
     def __repr__(self) -> str:
         state = "running" if self.outcome is None else self.reason
-        return f"<Execution {self.id} {state} log={self._log_bytes}B reader={self._reader}>"
+        waiting = " waiting-for-input" if self.input_request is not None else ""
+        return (
+            f"<Execution {self.id} {state}{waiting} log={self._log_bytes}B reader={self._reader}>"
+        )
 
     @property
     def duration_ms(self) -> float:
@@ -136,17 +167,24 @@ class Execution:
 
     # --- producer side (child pipe callbacks) -----------------------------------------------
     def push(self, kind: int, data: bytes) -> None:
+        """Output, a result or a display: all count towards the output cap."""
         if self.outcome is not None:
             return
         size = len(data)
         if size > self._remaining:
-            # Past the cap the bytes are dropped and the code runs on (README: limits).
+            # Past the cap the bytes are dropped and the code runs on (README: limits). A
+            # result or display is never cut (that would break its JSON): it goes whole.
             if self.truncated:
                 return
             self.truncated = True
+            if kind != T_STDOUT and kind != T_STDERR:
+                return
             data = data[: self._remaining]
             size = len(data)
         self._remaining -= size
+        if kind != T_STDOUT and kind != T_STDERR:
+            self._append(kind, data)  # one entry, whatever its size: it is one event
+            return
         # Entries of at most an eighth of the replay buffer: dropping the oldest ones to
         # stay within it then keeps most of the buffer's worth, whatever the read sizes.
         step = self._entry_bytes
@@ -158,10 +196,31 @@ class Execution:
         for start in range(0, size, step):
             self._append(kind, bytes(view[start : start + step]))
 
+    def request_input(self, request: InputRequest, payload: bytes) -> None:
+        """The child waits in input(); with no client left to answer, it gets end of input."""
+        if self.outcome is not None:
+            return
+        if not self._reader:
+            self._reply(request.number, None)
+            return
+        self.input_request = request
+        # Not counted against the output cap: the prompt is short (cut by the child) and
+        # there is one at a time; dropping it would leave the code waiting for nothing.
+        self._append(T_INPUT_REQUEST, payload)
+
+    def answer(self, value: str) -> None:
+        """Send `value` as the answer to the pending input request."""
+        request = self.input_request
+        if request is None or self.outcome is not None:
+            raise NoInputPending("no input request is waiting for an answer in this session")
+        self.input_request = None
+        self._reply(request.number, value)
+
     def finish(self, outcome: Done | Failure) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
+        self.input_request = None
         self.finished = time.monotonic()
         self._append(T_END, b"")
         if self._paused:
@@ -259,13 +318,17 @@ class Execution:
             waiter.set_result(None)
 
     def detach(self) -> None:
-        """The reader is gone: the execution runs on; the log keeps the newest events."""
+        """The reader is gone: the execution runs on; the log keeps the newest events. An
+        input request nobody can see any more gets end of input."""
         self._reader = 0
         self._unread = 0
         if self._paused:
             self._paused = False
             self._resume()
         self._trim()
+        request, self.input_request = self.input_request, None
+        if request is not None and self.outcome is None:
+            self._reply(request.number, None)
 
     async def wait(self) -> Done | Failure:
         """Wait for the outcome without reading the events."""

@@ -211,14 +211,20 @@ BOOTSTRAP = (
 )
 
 
+RUNNER_MODULES = ("runner_child.py", "runner_repl.py")  # the second loaded by the first
+
+
 def install_runner(source: str, directory: Path) -> str:
-    """Copy the runner where every child's uid can read it, and compile it there."""
+    """Copy the runner (and its sibling) where every child's uid can read them, and
+    compile them there; the path of the copied runner_child.py."""
     directory.mkdir(mode=0o755)
-    copy = directory / "runner_child.py"
-    shutil.copyfile(source, copy)
-    copy.chmod(0o644)
-    py_compile.compile(str(copy), doraise=True)
-    return str(copy)
+    origin = Path(source).parent
+    for name in RUNNER_MODULES:
+        copy = directory / name
+        shutil.copyfile(origin / name if name != "runner_child.py" else source, copy)
+        copy.chmod(0o644)
+        py_compile.compile(str(copy), doraise=True)
+    return str(directory / "runner_child.py")
 
 
 CAP_SYS_ADMIN = 21

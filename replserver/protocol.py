@@ -1,6 +1,7 @@
 """Frames exchanged with runner_child.py: a 5-byte header (type, big-endian length), a payload.
 
-Output travels as raw bytes, never re-encoded; only the small completion record has structure.
+Output travels as raw bytes, never re-encoded; results, prompts and replies are UTF-8 text,
+displays JSON; only the completion record and the input frames have a binary layout.
 runner_child.py carries its own copy of these constants (it must not import this package);
 tests/test_protocol.py checks that the two copies agree.
 """
@@ -15,11 +16,20 @@ HEADER_SIZE = HEADER.size
 
 T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
 FLAG_REAP = 0x01  # EXEC flag: processes of the child were killed; reap their zombies first
+FLAG_INPUT = 0x02  # EXEC flag: input requests can be answered (a stream); else EOFError
+T_INPUT_REPLY = 0x69  # 'i' server -> child: request number (4), status byte, UTF-8 value
 T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
 T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
+T_RESULT = 0x56  # 'V' child -> server: UTF-8 repr of the value of the final expression
+T_DISPLAY = 0x4D  # 'M' child -> server: JSON mime bundle, binary data base64-encoded
+T_INPUT_REQUEST = 0x49  # 'I' child -> server: request number (4), flags byte, UTF-8 prompt
 T_DONE = 0x44  # 'D' child -> server: execution finished
 T_READY = 0x52  # 'R' child -> server: set up and waiting; payload is its pid
 T_FATAL = 0x21  # '!' child -> server: protocol error text, then the child exits
+
+INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: getpass, the answer is not echoed
+INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
+INPUT_EOF = 1  # INPUT_REPLY status: no answer will come; input() raises EOFError
 
 REASON_OK = 0
 REASON_EXCEPTION = 1
@@ -35,6 +45,7 @@ REASON_NAMES = {
 }
 
 _DONE = struct.Struct(">iIBQQ")  # return code, count, reason, CPU us, peak RSS bytes
+_INPUT = struct.Struct(">IB")  # input request and reply: request number, flags or status
 
 
 class FrameTooLarge(ValueError):
@@ -55,6 +66,29 @@ def encode_exec(code: str, flags: int = 0) -> bytes:
     """The request frame for running `code`."""
     body = code.encode("utf-8", "surrogatepass")
     return HEADER.pack(T_EXEC, len(body) + 1) + bytes((flags,)) + body
+
+
+def encode_input_reply(number: int, value: str | None) -> bytes:
+    """The answer to input request `number`; None means end of input (EOFError)."""
+    if value is None:
+        return encode(T_INPUT_REPLY, _INPUT.pack(number, INPUT_EOF))
+    body = value.encode("utf-8", "surrogatepass")
+    return encode(T_INPUT_REPLY, _INPUT.pack(number, INPUT_VALUE) + body)
+
+
+@dataclass(frozen=True, slots=True)
+class InputRequest:
+    """The child waits in input() or getpass() for the answer to request `number`."""
+
+    number: int
+    prompt: str
+    password: bool
+
+    @classmethod
+    def decode(cls, payload: bytes) -> InputRequest:
+        number, flags = _INPUT.unpack_from(payload)
+        prompt = payload[_INPUT.size :].decode("utf-8", "replace")
+        return cls(number, prompt, bool(flags & INPUT_PASSWORD))
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,8 +17,8 @@ from . import __version__, streaming
 from .errors import (
     BadRequest,
     ChildStartError,
+    NoInputPending,
     NotFound,
-    NothingToDo,
     ProtocolError,
     ReplError,
     ShuttingDown,
@@ -42,7 +43,7 @@ _STATUS: dict[type[ReplError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
-    NothingToDo: 409,
+    NoInputPending: 409,
     TooManySessions: 429,
     ChildStartError: 503,
     ShuttingDown: 503,
@@ -117,8 +118,8 @@ class ExecuteRequest:
     stop_on_disconnect: bool
 
 
-async def read_request(request: web.Request) -> ExecuteRequest:
-    """The `code`, `timeout` and `stopOnDisconnect` fields of a JSON object body, checked."""
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The request body: a JSON object, or BadRequest."""
     body = await request.read()  # aiohttp answers 413 past client_max_size
     try:
         data = json.loads(body)
@@ -126,6 +127,12 @@ async def read_request(request: web.Request) -> ExecuteRequest:
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    return data
+
+
+async def read_request(request: web.Request) -> ExecuteRequest:
+    """The `code`, `timeout` and `stopOnDisconnect` fields of a JSON object body, checked."""
+    data = await read_object(request)
     code = data.get("code")
     if code is None:
         raise BadRequest("field 'code' is required")
@@ -174,7 +181,7 @@ async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
-    run = await session.start(body.code, timeout_s=body.timeout_s)
+    run = await session.start(body.code, timeout_s=body.timeout_s, interactive=True)
     note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
     stop = session.interrupt if body.stop_on_disconnect else None
@@ -223,6 +230,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def answer_input(request: web.Request) -> web.Response:
+    """The answer to the input() a stream of this session is waiting in."""
+    sid = session_id(request)
+    data = await read_object(request)
+    value = data.get("value")
+    if not isinstance(value, str):
+        raise BadRequest("field 'value' is required and must be a string")
+    session = request.app[MANAGER].find(sid)
+    if session is None:
+        raise NoInputPending("no such session, so no input is awaited")
+    session.answer_input(value)
+    return web.json_response({"sessionId": sid, "answered": True})
+
+
 async def interrupt(request: web.Request) -> web.Response:
     sid = session_id(request)
     session = request.app[MANAGER].find(sid)
@@ -252,10 +273,47 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+# --- the built-in web REPL page -------------------------------------------------------------
+
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+# Everything the page shows comes from its own origin; HTML displays render in a sandboxed
+# frame without scripts; images come as data: URLs.
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline';"
+        " object-src 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+
+
+def static_file(name: str) -> web.FileResponse:
+    headers = {**PAGE_HEADERS, "Content-Type": STATIC_FILES[name]}
+    return web.FileResponse(STATIC_DIR / name, headers=headers)
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return static_file("index.html")
+
+
+async def static(request: web.Request) -> web.FileResponse:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES or name == "index.html":
+        raise web.HTTPNotFound(text=f"no static file {name!r}")
+    return static_file(name)
+
+
 def add_routes(app: web.Application) -> list[web.AbstractRoute]:
     return [
         app.router.add_post("/execute/{session_id}", execute),
         app.router.add_post("/execute-stream/{session_id}", execute_stream),
+        app.router.add_post("/input/{session_id}", answer_input),
         app.router.add_post("/reset/{session_id}", reset),
         app.router.add_post("/interrupt/{session_id}", interrupt),
         app.router.add_get("/health", health),
@@ -263,4 +321,6 @@ def add_routes(app: web.Application) -> list[web.AbstractRoute]:
         app.router.add_delete("/sessions/{session_id}", delete_session),
         app.router.add_get("/executions/{execution_id}/events", execution_events),
         app.router.add_get("/metrics", metrics),
+        app.router.add_get("/", page),
+        app.router.add_get("/static/{name}", static),
     ]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .child import ChildProcess
-from .errors import ShuttingDown
+from .errors import NoInputPending, ShuttingDown
 from .execution import Execution
 from .metrics import Metrics
 from .pool import ChildPool
@@ -104,8 +104,12 @@ class Session:
         """The next reply says earlier state is gone, and why (eviction, idle culling)."""
         self._lost_state = reason
 
-    async def start(self, code: str, *, timeout_s: float | None = None) -> Run:
-        """Wait for our turn, make sure a child is up, send it `code`."""
+    async def start(
+        self, code: str, *, timeout_s: float | None = None, interactive: bool = False
+    ) -> Run:
+        """Wait for our turn, make sure a child is up, send it `code`; `interactive`: the
+        client can answer input() (a stream)."""
+
         self.queued += 1
         try:
             await self._lock.acquire()
@@ -122,8 +126,9 @@ class Session:
                 pause=child.pause_reading,
                 resume=child.resume_reading,
                 on_end=self._on_end,
+                reply=child.reply_input,
             )
-            child.start(code, execution)
+            child.start(code, execution, interactive=interactive)
         except BaseException:
             self._lock.release()
             raise
@@ -154,6 +159,13 @@ class Session:
             child.kill_others()
         self.last_active = time.time()
         self._lock.release()
+
+    def answer_input(self, value: str) -> None:
+        """Answer the input() the running code waits in; NoInputPending if it waits for none."""
+        execution = self._current
+        if execution is None:
+            raise NoInputPending("nothing is running in this session, so no input is awaited")
+        execution.answer(value)
 
     # --- stopping running code ----------------------------------------------------------------
     def _expire(self, execution: Execution, limit_s: float) -> None:

@@ -39,6 +39,9 @@ class Settings:
     max_timeout_s: float = 300.0
     interrupt_grace_s: float = 2.0
     max_output_bytes: int = 16 * MiB
+    # A repr (the result of a final expression, a display's text) or a prompt longer than
+    # this is cut, with a marker saying how long it was.
+    max_result_chars: int = 100_000
     # Per-child resource limits (setrlimit, soft = hard); 0 means unlimited.
     limit_memory_bytes: int = 1024 * MiB
     limit_cpu_s: int = 3600
@@ -179,6 +182,7 @@ ENV_VARS: dict[str, str] = {
     "max_timeout_s": "REPL_MAX_TIMEOUT_S",
     "interrupt_grace_s": "REPL_INTERRUPT_GRACE_S",
     "max_output_bytes": "REPL_MAX_OUTPUT_BYTES",
+    "max_result_chars": "REPL_MAX_RESULT_CHARS",
     "limit_memory_bytes": "REPL_LIMIT_MEMORY_BYTES",
     "limit_cpu_s": "REPL_LIMIT_CPU_S",
     "limit_file_bytes": "REPL_LIMIT_FILE_BYTES",

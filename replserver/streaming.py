@@ -12,13 +12,25 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .execution import T_END, T_GAP, T_STDOUT, Entry, Execution, Failure
-from .protocol import Done
+from .execution import (
+    T_DISPLAY,
+    T_END,
+    T_GAP,
+    T_INPUT_REQUEST,
+    T_RESULT,
+    T_STDERR,
+    T_STDOUT,
+    Entry,
+    Execution,
+    Failure,
+)
+from .protocol import Done, InputRequest
 from .session import Run
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.25
 EVENT_TYPE = {T_STDOUT: "output"}  # anything else is stderr: "error"
+_TEXT = (T_STDOUT, T_STDERR)
 
 
 def _decoder() -> codecs.IncrementalDecoder:
@@ -29,11 +41,12 @@ def _decoder() -> codecs.IncrementalDecoder:
 
 def merge(batch: Iterable[Entry]) -> list[Entry]:
     """Join neighbouring output entries of the same stream: fewer, larger events for a
-    slow client. The joined event keeps the last entry's sequence number."""
+    slow client. The joined event keeps the last entry's sequence number; results,
+    displays and input requests stay separate, in place."""
     merged: list[Entry] = []
     parts: list[bytes] = []
     for entry in batch:
-        if parts and entry[1] == merged[-1][1] and entry[1] < T_END:
+        if parts and entry[1] == merged[-1][1] and entry[1] in _TEXT:
             parts.append(entry[2])
             merged[-1] = (entry[0], entry[1], b"")
             continue
@@ -41,11 +54,33 @@ def merge(batch: Iterable[Entry]) -> list[Entry]:
             seq, kind, _ = merged[-1]
             merged[-1] = (seq, kind, b"".join(parts))
         merged.append(entry)
-        parts = [entry[2]] if entry[1] < T_END else []
+        parts = [entry[2]] if entry[1] in _TEXT else []
     if len(parts) > 1:
         seq, kind, _ = merged[-1]
         merged[-1] = (seq, kind, b"".join(parts))
     return merged
+
+
+def display_data(payload: bytes) -> dict[str, Any] | None:
+    """The mime bundle of a display frame; None if the frame is not one (never raises)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rich_event(kind: int, data: bytes) -> dict[str, Any] | None:
+    """The SSE event of a result, display or input request entry."""
+    if kind == T_RESULT:
+        return {"type": "result", "content": data.decode("utf-8", "replace")}
+    if kind == T_DISPLAY:
+        bundle = display_data(data)
+        return None if bundle is None else {"type": "display", "data": bundle}
+    if kind == T_INPUT_REQUEST:
+        request = InputRequest.decode(data)
+        return {"type": "input_request", "prompt": request.prompt, "password": request.password}
+    return None
 
 
 def completion_fields(run: Run) -> dict[str, Any]:
@@ -87,20 +122,29 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
     execution = run.execution
     out: list[bytes] = []
     err: list[bytes] = []
+    result: str | None = None
+    displays: list[dict[str, Any]] = []
     try:
         async with aclosing(execution.follow()) as entries:
             async for batch in entries:
                 for _, kind, data in batch:
                     if kind == T_STDOUT:
                         out.append(data)
-                    elif kind < T_END:
+                    elif kind == T_STDERR:
                         err.append(data)
+                    elif kind == T_RESULT:
+                        result = data.decode("utf-8", "replace")
+                    elif kind == T_DISPLAY and (bundle := display_data(data)) is not None:
+                        displays.append(bundle)
+                    # No input request reaches /execute: its code gets EOFError from input().
     finally:
         execution.release_initial()
     error = b"".join(err).decode("utf-8", "replace") + server_text(execution, output_limit)
     reply: dict[str, Any] = {
         "output": b"".join(out).decode("utf-8", "replace"),
         "error": error or None,
+        "result": result,
+        "displays": displays,
     }
     reply.update(completion_fields(run))
     return reply
@@ -133,6 +177,10 @@ class EventRenderer:
                 events.append((dumps(missed), str(seq)))
             elif kind == T_END:
                 events.extend((event, str(seq)) for event in self._ending())
+            elif kind not in _TEXT:
+                rich = rich_event(kind, data)
+                if rich is not None:
+                    events.append((dumps(rich), str(seq)))
             else:
                 key = T_STDOUT if kind == T_STDOUT else -1
                 text = self._decoders[key].decode(data)

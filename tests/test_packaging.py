@@ -77,6 +77,16 @@ async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: 
             url = f"http://127.0.0.1:{port}/execute/pkg"
             async with http.post(url, json={"code": "x = 6 * 7\nprint(x)"}) as resp:
                 body = await resp.json()
+            # The REPL extras (runner_repl.py) are installed next to the child script.
+            async with http.post(url, json={"code": "display(6 * 7)\n6 * 7"}) as resp:
+                extras = await resp.json()
+            # The web REPL page and its files are package data.
+            pages = []
+            for path in ("/", "/static/app.js", "/static/style.css"):
+                async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    pages.append((resp.status, len(await resp.read())))
+        assert extras["result"] == "42" and extras["displays"] == [{"text/plain": "42"}], extras
+        assert all(status == 200 and size > 500 for status, size in pages), pages
         assert body["output"] == "42\n", body
         check = dockerfile.exec_form("HEALTHCHECK")
         assert check[0] == "python"

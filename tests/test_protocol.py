@@ -17,17 +17,36 @@ from replserver import protocol
 from replserver.child import child_environment
 from replserver.settings import Settings
 
-FRAME_CONSTANTS = ("T_EXEC", "T_STDOUT", "T_STDERR", "T_DONE", "T_READY", "T_FATAL")
+FRAME_CONSTANTS = (
+    "T_EXEC",
+    "T_INPUT_REPLY",
+    "T_STDOUT",
+    "T_STDERR",
+    "T_RESULT",
+    "T_DISPLAY",
+    "T_INPUT_REQUEST",
+    "T_DONE",
+    "T_READY",
+    "T_FATAL",
+)
 REASON_CONSTANTS = ("REASON_OK", "REASON_EXCEPTION", "REASON_EXIT", "REASON_INTERRUPTED")
+FLAG_CONSTANTS = ("FLAG_REAP", "FLAG_INPUT", "INPUT_PASSWORD", "INPUT_VALUE", "INPUT_EOF")
 PAYLOADS = [b"", b"x", b"hello\n", bytes(range(256)), b"\x00" * 70000, "é😀".encode()]
 
 
 # --- the two copies of the layout ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", (*FRAME_CONSTANTS, *REASON_CONSTANTS, "HEADER_SIZE"))
+@pytest.mark.parametrize(
+    "name", (*FRAME_CONSTANTS, *REASON_CONSTANTS, *FLAG_CONSTANTS, "HEADER_SIZE")
+)
 def test_constants_agree(name: str) -> None:
     assert getattr(runner_child, name) == getattr(protocol, name)
+
+
+def test_exec_flags_are_distinct_bits() -> None:
+    assert protocol.FLAG_REAP & protocol.FLAG_INPUT == 0
+    assert protocol.INPUT_VALUE != protocol.INPUT_EOF
 
 
 def test_frame_types_are_distinct() -> None:
@@ -53,6 +72,28 @@ def test_encode_exec_layout(code: str) -> None:
     body = code.encode()
     assert frame == protocol.encode(protocol.T_EXEC, b"\x00" + body)
     assert frame == runner_child.encode_frame(runner_child.T_EXEC, b"\x00" + body)
+
+
+@pytest.mark.parametrize("value", ["", "Ada", "é 😀\n", "\ud800", None])
+def test_input_reply_layout(value: str | None) -> None:
+    frame = protocol.encode_input_reply(7, value)
+    [(kind, payload)] = protocol.FrameParser(1024).feed(frame)
+    assert kind == runner_child.T_INPUT_REPLY
+    assert int.from_bytes(payload[:4], "big") == 7  # what Runner.read_input compares
+    if value is None:
+        assert payload[4] == runner_child.INPUT_EOF and len(payload) == 5
+    else:
+        assert payload[4] == runner_child.INPUT_VALUE
+        assert payload[5:].decode("utf-8", "surrogatepass") == value
+
+
+def test_input_request_decodes_runner_layout() -> None:
+    flags = bytes((runner_child.INPUT_PASSWORD,))
+    payload = (0xFFFFFFFE).to_bytes(4, "big") + flags + "Secret é: ".encode()
+    request = protocol.InputRequest.decode(payload)
+    assert request == protocol.InputRequest(0xFFFFFFFE, "Secret é: ", True)
+    plain = protocol.InputRequest.decode((1).to_bytes(4, "big") + b"\x00")
+    assert plain == protocol.InputRequest(1, "", False)
 
 
 # --- FrameParser ---------------------------------------------------------------------------
@@ -206,6 +247,7 @@ class RawChild:
         self.proc = proc
         self.parser = protocol.FrameParser(1 << 24)
         self.pending: list[tuple[int, bytes]] = []
+        self.results: list[bytes] = []  # T_RESULT payloads seen by run()
 
     async def frame(self) -> tuple[int, bytes]:
         assert self.proc.stdout is not None
@@ -228,9 +270,21 @@ class RawChild:
                 out += payload
             elif kind == protocol.T_STDERR:
                 err += payload
+            elif kind == protocol.T_RESULT:
+                self.results.append(payload)
             else:
                 assert kind == protocol.T_DONE, (kind, payload)
                 return bytes(out), bytes(err), protocol.Done.decode(payload)
+
+    async def until(self, wanted: int) -> tuple[bytes, bytes]:
+        """Frames up to the first of type `wanted`: (output so far, its payload)."""
+        out = bytearray()
+        while True:
+            kind, payload = await self.frame()
+            if kind == wanted:
+                return bytes(out), payload
+            assert kind in (protocol.T_STDOUT, protocol.T_STDERR), (kind, payload)
+            out += payload
 
 
 @asynccontextmanager
@@ -331,6 +385,7 @@ async def test_child_user_code_cannot_touch_the_protocol() -> None:
         out, _, done = await child.run("import os\nos.write(1, b'\\x44\\x00\\x00\\x00\\x00')")
         assert out == b"\x44\x00\x00\x00\x00"
         assert done.return_code == 0
+        assert child.results == [b"5"]  # os.write's return value, as a final expression
         # fd 0 is not the protocol pipe either: reading it gives EOF, consumes no frames
         out, _, done = await child.run("import os\nprint(os.read(0, 100))")
         assert out == b"b''\n"
@@ -357,3 +412,94 @@ async def test_child_exits_when_stdin_closes_while_busy() -> None:
         child.proc.stdin.close()
         async with asyncio.timeout(5):
             await child.proc.wait()
+
+
+# --- results and input at the frame level --------------------------------------------------
+
+
+async def test_child_sends_result_before_done() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        out, _, done = await child.run("print('a')\n6 * 7")
+        assert (out, child.results, done.reason) == (b"a\n", [b"42"], "ok")
+        await child.run("x = 1")
+        await child.run("None")
+        assert child.results == [b"42"]  # no result for statements or None
+
+
+def input_exec(code: str) -> bytes:
+    return protocol.encode_exec(code, protocol.FLAG_INPUT)
+
+
+async def test_child_input_round_trip() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        child.send(input_exec("a = input('one? ')\nb = input('two? ')\nprint(a + b)"))
+        _, payload = await child.until(protocol.T_INPUT_REQUEST)
+        first = protocol.InputRequest.decode(payload)
+        assert (first.prompt, first.password) == ("one? ", False)
+        child.send(protocol.encode_input_reply(first.number, "x"))
+        echo, payload = await child.until(protocol.T_INPUT_REQUEST)
+        assert echo == b"one? x\n"  # prompt and answer echoed, as a terminal shows them
+        second = protocol.InputRequest.decode(payload)
+        assert second.prompt == "two? " and second.number != first.number
+        child.send(protocol.encode_input_reply(second.number, "y"))
+        out, done = await child.until(protocol.T_DONE)
+        assert out == b"two? y\nxy\n"
+        assert protocol.Done.decode(done).reason == "ok"
+
+
+async def test_child_input_without_flag_is_eof() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        out, err, done = await child.run("input('never shown')")
+        assert done.reason == "exception" and out == b""
+        assert b"EOFError: input() is not available in /execute" in err
+
+
+async def test_child_input_eof_reply() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        child.send(input_exec("input()"))
+        _, payload = await child.until(protocol.T_INPUT_REQUEST)
+        child.send(protocol.encode_input_reply(protocol.InputRequest.decode(payload).number, None))
+        _, done = await child.until(protocol.T_DONE)
+        assert protocol.Done.decode(done).reason == "exception"
+
+
+async def test_child_interrupted_input_leaves_protocol_in_sync() -> None:
+    """SIGINT while waiting, with half a reply already read: the rest of that reply and a
+    stale answer arriving later are dropped, and the next request runs normally."""
+    async with raw_child() as child, asyncio.timeout(10):
+        code = "try:\n    input('a')\nexcept KeyboardInterrupt:\n    print('again', input('b'))"
+        child.send(input_exec(code))
+        _, payload = await child.until(protocol.T_INPUT_REQUEST)
+        first = protocol.InputRequest.decode(payload).number
+        stale = protocol.encode_input_reply(first, "too late")
+        child.send(stale[:3])
+        await asyncio.sleep(0.2)  # the child reads the three bytes and waits for more
+        os.kill(child.proc.pid, signal.SIGINT)
+        _, payload = await child.until(protocol.T_INPUT_REQUEST)
+        second = protocol.InputRequest.decode(payload)
+        assert second.prompt == "b" and second.number != first
+        child.send(stale[3:] + protocol.encode_input_reply(second.number, "x"))
+        out, done = await child.until(protocol.T_DONE)
+        assert out.endswith(b"bx\nagain x\n") and b"too late" not in out
+        assert protocol.Done.decode(done).reason == "ok"
+
+        # An interrupt that ends the execution; its answer comes after the completion.
+        child.send(input_exec("input('c')"))
+        _, payload = await child.until(protocol.T_INPUT_REQUEST)
+        os.kill(child.proc.pid, signal.SIGINT)
+        _, done = await child.until(protocol.T_DONE)
+        assert protocol.Done.decode(done).reason == "interrupted"
+        number = protocol.InputRequest.decode(payload).number
+        child.send(protocol.encode_input_reply(number, "stray"))
+        out, _, finished = await child.run("print('in sync')")
+        assert out == b"in sync\n" and finished.reason == "ok"
+
+
+async def test_child_refuses_exec_while_waiting_for_input() -> None:
+    async with raw_child() as child, asyncio.timeout(10):
+        child.send(input_exec("input()"))
+        await child.until(protocol.T_INPUT_REQUEST)
+        child.send(protocol.encode_exec("print(1)"))
+        kind, payload = await child.frame()
+        assert kind == protocol.T_FATAL and b"waiting for input" in payload
+        assert await child.proc.wait() != 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -61,6 +62,7 @@ async def test_execute_reply_shape(client: Client) -> None:
     assert body["executionCount"] == 1
     assert isinstance(body["durationMs"], (int, float)) and body["durationMs"] >= 0
     assert body["restarted"] is False
+    assert body["result"] is None and body["displays"] == []  # always present
 
 
 async def test_execute_reply_with_error(client: Client) -> None:
@@ -337,3 +339,43 @@ def test_replica_id_setting() -> None:
     assert Settings.from_env({"REPL_REPLICA_ID": "pod-3"}).replica_id == "pod-3"
     with pytest.raises(ValueError, match="REPL_REPLICA_ID"):
         Settings.from_env({"REPL_REPLICA_ID": "a\r\nSet-Cookie: x"})
+
+
+# --- the web REPL page ---------------------------------------------------------------------
+
+
+async def test_page_is_served_at_the_root(client: Client) -> None:
+    resp = await client.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/html" and resp.charset == "utf-8"
+    html = await resp.text()
+    assert "<title>replserver</title>" in html and 'id="code"' in html
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    # Every file the page refers to is served, with its type; nothing comes from elsewhere.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sorted(a for a in assets if not a.startswith("data:")) == [
+        "static/app.js",
+        "static/style.css",
+    ]
+    types = {"static/app.js": "text/javascript", "static/style.css": "text/css"}
+    for asset, content_type in types.items():
+        served = await client.get(f"/{asset}")
+        assert served.status == 200 and served.content_type == content_type
+        assert len(await served.read()) > 500
+    assert (await client.head("/")).status == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["/static/nope.js", "/static/index.html", "/static/..%2Frunner_child.py", "/static/"]
+)
+async def test_unknown_static_files_are_404(client: Client, path: str) -> None:
+    await assert_json_error(await client.get(path), 404)
+
+
+async def test_page_follows_the_cors_rules(make_client: MakeClient) -> None:
+    client = await make_client(environment="production", cors_origins=("http://ok.test",))
+    ok = await client.get("/", headers={"Origin": "http://ok.test"})
+    assert ok.headers.get("Access-Control-Allow-Origin") == "http://ok.test"
+    evil = await client.get("/static/app.js", headers={"Origin": "http://evil.test"})
+    assert evil.status == 200 and "Access-Control-Allow-Origin" not in evil.headers

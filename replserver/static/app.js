@@ -1,0 +1,286 @@
+// The built-in web REPL page: runs code through /execute-stream and renders its events as
+// they arrive (fetch + ReadableStream; EventSource cannot POST). No dependencies.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const transcript = $("transcript");
+  const editor = $("editor");
+  const code = $("code");
+  const runButton = $("run");
+  const stopButton = $("stop");
+  const resetButton = $("reset");
+  const tokenField = $("token");
+  const statusLine = $("status");
+
+  const TOKEN_KEY = "replserver.token";
+  const sessionId = newSessionId();
+  const history = [];
+  let historyIndex = 0;
+  let running = false;
+
+  $("session-id").textContent = sessionId;
+  tokenField.value = localStorage.getItem(TOKEN_KEY) || "";
+  tokenField.addEventListener("input", () => {
+    localStorage.setItem(TOKEN_KEY, tokenField.value.trim());
+  });
+  $("token-form").addEventListener("submit", (event) => event.preventDefault());
+
+  function newSessionId() {
+    // randomUUID needs a secure context (https or localhost); plain http on a LAN has not.
+    if (crypto.randomUUID) return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // --- talking to the server -------------------------------------------------------------
+  function post(route, body) {
+    const headers = {};
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const token = tokenField.value.trim();
+    if (token) headers["Authorization"] = `Bearer ${token}`;
+    return fetch(`${route}/${encodeURIComponent(sessionId)}`, {
+      method: "POST",
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  }
+
+  async function failure(response) {
+    let detail = response.statusText;
+    try {
+      detail = (await response.json()).detail || detail;
+    } catch {
+      // not JSON: keep the status text
+    }
+    return `${response.status} ${detail}`;
+  }
+
+  async function readEvents(response, onEvent) {
+    // Server-Sent Events: blocks separated by a blank line, payload on `data:` lines.
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      const blocks = buffer.split("\n\n");
+      buffer = blocks.pop();
+      for (const block of blocks) {
+        const data = block
+          .split("\n")
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(line.startsWith("data: ") ? 6 : 5))
+          .join("\n");
+        if (data) onEvent(JSON.parse(data));
+      }
+    }
+  }
+
+  // --- rendering -------------------------------------------------------------------------
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function scrollDown() {
+    transcript.scrollTop = transcript.scrollHeight;
+  }
+
+  function newCell(source) {
+    const cell = element("section", "cell");
+    const outputs = element("div", "outputs");
+    cell.append(element("pre", "source", source), outputs);
+    transcript.append(cell);
+    scrollDown();
+    return cell;
+  }
+
+  function appendText(outputs, stream, text) {
+    // Consecutive chunks of one stream extend the same <pre>: few nodes for long output.
+    const last = outputs.lastElementChild;
+    if (last && last.dataset.stream === stream) {
+      last.append(text);
+    } else {
+      const pre = element("pre", stream, text);
+      pre.dataset.stream = stream;
+      outputs.append(pre);
+    }
+  }
+
+  function renderDisplay(data) {
+    const box = element("div", "display");
+    const image = ["image/png", "image/jpeg"].find((type) => typeof data[type] === "string");
+    if (image) {
+      const img = element("img");
+      img.src = `data:${image};base64,${data[image]}`;
+      img.alt = data["text/plain"] || "";
+      box.append(img);
+    } else if (typeof data["image/svg+xml"] === "string") {
+      const img = element("img");
+      img.src = `data:image/svg+xml;charset=utf-8,${encodeURIComponent(data["image/svg+xml"])}`;
+      img.alt = data["text/plain"] || "";
+      box.append(img);
+    } else if (typeof data["text/html"] === "string") {
+      // A frame without scripts: user HTML cannot reach this page, its token or its API.
+      const frame = element("iframe");
+      frame.setAttribute("sandbox", "allow-same-origin");
+      frame.srcdoc = data["text/html"];
+      frame.addEventListener("load", () => {
+        const page = frame.contentDocument.documentElement;
+        frame.style.height = "0";
+        frame.style.height = `${page.scrollHeight + 4}px`;
+      });
+      box.append(frame);
+    } else if (typeof data["text/markdown"] === "string") {
+      box.append(element("pre", "markdown", data["text/markdown"]));
+    } else if ("application/json" in data) {
+      box.append(element("pre", "json", JSON.stringify(data["application/json"], null, 2)));
+    } else {
+      box.append(element("pre", "plain", data["text/plain"] ?? ""));
+    }
+    return box;
+  }
+
+  function askInput(outputs, request) {
+    const form = element("form", "input-request");
+    const label = element("label", null, request.prompt);
+    const field = element("input");
+    field.type = request.password ? "password" : "text";
+    field.autocomplete = "off";
+    field.setAttribute("aria-label", request.prompt || "input");
+    form.append(label, field);
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      field.disabled = true;
+      try {
+        const response = await post("input", { value: field.value });
+        if (!response.ok) throw new Error(await failure(response));
+        // input() echoes prompt and answer as output; getpass echoes nothing, as a terminal.
+        if (request.password) form.replaceWith(element("pre", "stdout", `${request.prompt}\n`));
+        else form.remove();
+      } catch (error) {
+        field.disabled = false;
+        appendText(outputs, "stderr", `Could not send the answer: ${error.message}\n`);
+      }
+    });
+    outputs.append(form);
+    field.focus();
+  }
+
+  function footer(cell, event) {
+    const ok = event.returnCode === 0;
+    const parts = [ok ? "✓" : `✗ ${event.reason}`, `${Math.round(event.durationMs)} ms`];
+    if (event.executionCount) parts.unshift(`[${event.executionCount}]`);
+    cell.append(element("div", ok ? "footer" : "footer failed", parts.join("  ")));
+  }
+
+  function handle(cell, event) {
+    const outputs = cell.querySelector(".outputs");
+    switch (event.type) {
+      case "output":
+        appendText(outputs, "stdout", event.content);
+        break;
+      case "error":
+        appendText(outputs, "stderr", event.content);
+        break;
+      case "result":
+        outputs.append(element("pre", "result", event.content));
+        break;
+      case "display":
+        outputs.append(renderDisplay(event.data));
+        break;
+      case "input_request":
+        askInput(outputs, event);
+        break;
+      case "restart":
+        outputs.append(element("div", "notice", `Fresh interpreter: ${event.reason}`));
+        break;
+      case "complete":
+        footer(cell, event);
+        break;
+      default: // event types of later versions: ignored, as the API asks of clients
+    }
+    scrollDown();
+  }
+
+  // --- actions ---------------------------------------------------------------------------
+  function setRunning(flag) {
+    running = flag;
+    runButton.disabled = flag;
+    stopButton.disabled = !flag;
+    document.body.classList.toggle("running", flag);
+    statusLine.textContent = flag ? "running…" : "idle";
+  }
+
+  async function run() {
+    const source = code.value;
+    if (running || !source.trim()) return;
+    if (history[history.length - 1] !== source) history.push(source);
+    historyIndex = history.length;
+    code.value = "";
+    const cell = newCell(source);
+    const outputs = cell.querySelector(".outputs");
+    setRunning(true);
+    try {
+      const response = await post("execute-stream", { code: source });
+      if (!response.ok) {
+        appendText(outputs, "stderr", `${await failure(response)}\n`);
+        return;
+      }
+      await readEvents(response, (event) => handle(cell, event));
+    } catch (error) {
+      appendText(outputs, "stderr", `Connection failed: ${error.message}\n`);
+    } finally {
+      for (const form of outputs.querySelectorAll(".input-request")) form.remove();
+      setRunning(false);
+      code.focus();
+    }
+  }
+
+  async function simple(route, done) {
+    try {
+      const response = await post(route);
+      if (!response.ok) throw new Error(await failure(response));
+      if (done) done(await response.json());
+    } catch (error) {
+      transcript.append(element("div", "notice stderr", `${route}: ${error.message}`));
+      scrollDown();
+    }
+  }
+
+  editor.addEventListener("submit", (event) => {
+    event.preventDefault();
+    run();
+  });
+  stopButton.addEventListener("click", () => simple("interrupt"));
+  resetButton.addEventListener("click", () =>
+    simple("reset", () => {
+      transcript.append(element("div", "notice", "Namespace reset: a fresh interpreter."));
+      scrollDown();
+    }),
+  );
+
+  code.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      run();
+    } else if (event.key === "Tab" && !event.shiftKey && !event.ctrlKey && !event.metaKey) {
+      event.preventDefault();
+      code.setRangeText("    ", code.selectionStart, code.selectionEnd, "end");
+    } else if (event.key === "ArrowUp" || event.key === "ArrowDown") {
+      // History when the caret is on the first (up) or last (down) line.
+      const before = code.value.slice(0, code.selectionStart);
+      const after = code.value.slice(code.selectionEnd);
+      const up = event.key === "ArrowUp";
+      if (up ? before.includes("\n") : after.includes("\n")) return;
+      const next = historyIndex + (up ? -1 : 1);
+      if (next < 0 || next > history.length) return;
+      event.preventDefault();
+      historyIndex = next;
+      code.value = history[next] ?? "";
+    }
+  });
+})();

@@ -1,0 +1,208 @@
+"""The web REPL page in a real headless Chromium (the system's: /usr/bin/chromium).
+
+The real application serves on a real port; Playwright drives the browser: typing code,
+running it, watching output stream in, answering input(), stopping a loop, seeing an
+image. Skipped, with the reason, where Chromium or Playwright is missing (.ci/run
+installs Chromium, the dev extras Playwright; Playwright's own browsers are never used).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from replserver.app import create_app
+
+from . import conftest
+from .test_repl import PNG_CLASS
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: the browser test needs Debian's `chromium` package"
+        " (.ci/run installs it)",
+        allow_module_level=True,
+    )
+async_api = pytest.importorskip(
+    "playwright.async_api", reason="Playwright is not installed (pip install -e '.[dev]')"
+)
+expect = async_api.expect
+expect.set_options(timeout=10_000)
+
+pytestmark = pytest.mark.timeout(90)
+
+MakeServer = Callable[[web.Application], Awaitable[TestServer]]
+
+
+@pytest.fixture
+def errors() -> list[str]:
+    """Uncaught exceptions and console errors of the page, in order."""
+    return []
+
+
+@pytest.fixture
+async def page(aiohttp_server: MakeServer, errors: list[str]) -> AsyncIterator[Page]:
+    """A Chromium page on the running application's root."""
+    server = await aiohttp_server(create_app(conftest.test_settings(timeout_s=20.0)))
+    async with async_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(10_000)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            await page.goto(str(server.make_url("/")))
+            yield page
+        finally:
+            await browser.close()
+
+
+async def run(page: Page, code: str) -> int:
+    """Put `code` in the editor and press Ctrl+Enter; the index of its cell."""
+    cells = await page.locator(".cell").count()
+    await page.fill("#code", code)
+    await page.press("#code", "Control+Enter")
+    await expect(page.locator(".cell")).to_have_count(cells + 1)
+    return cells
+
+
+async def finished(page: Page, cell: int) -> str:
+    """Wait for the cell's completion footer; its text."""
+    footer = page.locator(".cell").nth(cell).locator(".footer")
+    await expect(footer).to_be_visible()
+    return await footer.inner_text()
+
+
+@pytest.fixture
+def gate_dir() -> Iterator[Path]:
+    """A directory the session can see: it runs as an unprivileged uid of its own (a root
+    server), to which pytest's private temporary directories are closed."""
+    path = Path(tempfile.mkdtemp(prefix="replserver-gate-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_page_end_to_end(page: Page, errors: list[str], gate_dir: Path) -> None:
+    started = time.monotonic()
+    await expect(page.locator("#session-id")).to_have_text(re.compile(r"^[0-9a-f-]{32,36}$"))
+    cells = page.locator(".cell")
+
+    # Typed code runs on Ctrl+Enter; its output streams in while it still runs.
+    gate = gate_dir / "gate"
+    await page.locator("#code").press_sequentially(
+        f"import os, time\nprint('first', flush=True)\nwhile not os.path.exists({str(gate)!r}):"
+        "\n    time.sleep(0.01)\nprint('second')"
+    )
+    await page.press("#code", "Control+Enter")
+    stdout = cells.nth(0).locator(".stdout")
+    await expect(stdout).to_have_text("first\n")
+    await expect(page.locator("#status")).to_have_text("running…")
+    await expect(page.locator("#stop")).to_be_enabled()
+    assert "second" not in await stdout.inner_text()  # the code is still waiting
+    gate.touch()
+    await expect(stdout).to_have_text("first\nsecond\n")
+    assert "✓" in await finished(page, 0)
+    await expect(page.locator("#code")).to_have_value("")
+
+    # A result, and stderr in another colour than stdout.
+    cell = await run(page, "import sys\nprint('out')\nprint('oops', file=sys.stderr)\n6 * 7")
+    await finished(page, cell)
+    await expect(cells.nth(cell).locator(".result")).to_have_text("42")
+    await expect(cells.nth(cell).locator(".stderr")).to_have_text("oops\n")
+    colours = await cells.nth(cell).evaluate(
+        "c => ['.stdout', '.stderr'].map(s => getComputedStyle(c.querySelector(s)).color)"
+    )
+    assert colours[0] != colours[1], colours
+
+    # input() asks inline; the answer goes back through POST /input.
+    cell = await run(page, "name = input('Name: ')\nprint('hello', name)")
+    prompt = cells.nth(cell).locator(".input-request")
+    await expect(prompt.locator("label")).to_have_text("Name: ")
+    await prompt.locator("input").fill("Ada")
+    await prompt.locator("input").press("Enter")
+    await expect(cells.nth(cell).locator(".stdout")).to_have_text("Name: Ada\nhello Ada\n")
+    await expect(prompt).to_have_count(0)
+    assert "✓" in await finished(page, cell)
+
+    # Stop interrupts a running loop; the page is ready for the next run.
+    cell = await run(page, "while True:\n    pass")
+    await expect(page.locator("#stop")).to_be_enabled()
+    await page.click("#stop")
+    assert "interrupted" in await finished(page, cell)
+    stderr = await cells.nth(cell).locator(".stderr").inner_text()
+    assert "KeyboardInterrupt" in stderr and "Execution interrupted." in stderr
+    await expect(page.locator("#run")).to_be_enabled()
+    await expect(page.locator("#stop")).to_be_disabled()
+
+    # An object with _repr_png_ shows as an image.
+    cell = await run(page, PNG_CLASS + "\nPic()")
+    await finished(page, cell)
+    image = cells.nth(cell).locator(".display img")
+    await expect(image).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+    await expect(image).to_have_attribute("alt", "<Pic 4x3>")
+    size = await image.evaluate(
+        "img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])"
+    )
+    assert size == [4, 3]
+    assert errors == []
+    print(f"browser scenario took {time.monotonic() - started:.1f} s")
+
+
+async def test_page_token_reset_and_html(page: Page, errors: list[str]) -> None:
+    cells = page.locator(".cell")
+    await page.fill("#token", "s3cret")
+    async with page.expect_request(re.compile(r"/execute-stream/")) as sent:
+        cell = await run(page, "x = 5\nx")
+    assert (await sent.value).headers.get("authorization") == "Bearer s3cret"
+    await finished(page, cell)
+
+    # Reset: a fresh interpreter for the same session.
+    async with page.expect_response(re.compile(r"/reset/")) as reset:
+        await page.click("#reset")
+    assert (await reset.value).status == 200
+    await expect(page.locator(".notice")).to_contain_text("Namespace reset")
+    cell = await run(page, "x")
+    assert "exception" in await finished(page, cell)
+    await expect(cells.nth(cell).locator(".stderr")).to_contain_text("NameError")
+
+    # HTML renders in a frame where its scripts cannot run.
+    html = "<b id='bold'>bold</b><script>parent.document.title = 'pwned'</script>"
+    cell = await run(page, f"display({{'text/html': {html!r}}}, raw=True)")
+    await finished(page, cell)
+    frame = cells.nth(cell).frame_locator("iframe[sandbox='allow-same-origin']")
+    await expect(frame.locator("#bold")).to_have_text("bold")
+    assert await page.title() == "replserver"
+    assert len(errors) == 1 and "Blocked script execution in 'about:srcdoc'" in errors.pop()
+
+    # The token is kept across page loads; the session id is new.
+    session = await page.locator("#session-id").inner_text()
+    await page.reload()
+    await expect(page.locator("#token")).to_have_value("s3cret")
+    await expect(page.locator("#session-id")).not_to_have_text(session)
+    assert errors == []
