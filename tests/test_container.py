@@ -127,9 +127,26 @@ def runtime_prefix(container: Container) -> list[str]:
         # A private mount namespace: / read-only, a fresh 1777 /tmp like the pod's emptyDir
         # after the init container's chmod; the host's pids and network, as in a pod. The
         # shell execs the server, so that signals reach it as they would in the container.
-        mounts = (
-            "mount --bind / / && mount -o remount,bind,ro / &&"
-            ' mount -t tmpfs -o mode=1777 tmpfs /tmp && exec "$@"'
+        # A checkout or venv under /tmp (a CI clone, say) is carried through the fresh
+        # /tmp by way of a stash on a private tmpfs at /mnt.
+        keep = sorted({str(p) for p in (ROOT, Path(sys.prefix)) if str(p).startswith("/tmp/")})
+        stash = " && ".join(
+            f"mkdir /mnt/k{i} && mount --bind {path} /mnt/k{i}" for i, path in enumerate(keep)
+        )
+        restore = " && ".join(
+            f"mkdir -p {path} && mount --bind /mnt/k{i} {path}" for i, path in enumerate(keep)
+        )
+        mounts = " && ".join(
+            step
+            for step in (
+                "mount -t tmpfs tmpfs /mnt" if keep else "",
+                stash,
+                "mount --bind / / && mount -o remount,bind,ro /",
+                "mount -t tmpfs -o mode=1777 tmpfs /tmp",
+                restore,
+                'exec "$@"',
+            )
+            if step
         )
         namespace = [unshare, "--mount", "--propagation", "private", "--"]
         prefix = [*namespace, "sh", "-c", mounts, "sh", *prefix]
