@@ -342,10 +342,20 @@ class Runner(Repl):
         self.send(T_FATAL, message.encode())
         os._exit(2)
 
+    def warm_up(self) -> None:
+        """One execution through the whole path before reporting ready, leaving no trace.
+
+        A fresh process's first execution pays ~1 ms of first-use costs (the parser's
+        tables, page faults in the interpreter's code); a warm pool child should not hand
+        them to the first request of a session. It sends no frame.
+        """
+        self.count = -1  # execute() makes it 0: finish() sends no completion frame for it
+        self.execute("def _warm():\n    return repr(1)\n_warm()\ndel _warm", 0)
+        self.sources.clear()
+
     def serve(self) -> None:
+        self.warm_up()
         self.send(T_READY, str(os.getpid()).encode())
-        # The parser's tables are built on first use (~1.5 ms): pay for that while idle.
-        compile("0", "<warm-up>", "exec", PyCF_ONLY_AST, dont_inherit=True)
         while True:
             kind, payload = self.read_frame()
             if kind == T_INPUT_REPLY:
@@ -536,7 +546,8 @@ class Runner(Repl):
         )
         with self.lock:
             self._forward_available()
-            self._write(encode_frame(T_DONE, payload))
+            if self.count:  # not the warm-up's (count 0): the server's first frame is READY
+                self._write(encode_frame(T_DONE, payload))
 
 
 def _strip_runner_frames(

@@ -19,6 +19,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+REFILL_DELAY_S = 0.05
+
 
 class ChildPool:
     """Hands out ready children; keeps `size` warm ones in reserve."""
@@ -55,7 +57,9 @@ class ChildPool:
             child = self._warm.popleft()
             if child.alive:
                 self.hits += 1
-                self._refill()
+                # Starting a child blocks the event loop for the fork and exec (a few ms):
+                # not before the request that took this one has had its answer.
+                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill)
                 return child
             self.discard(child)
         self._refill()
