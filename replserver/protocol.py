@@ -110,36 +110,47 @@ class Done:
 
 
 class FrameParser:
-    """Incremental parser: feed bytes as they arrive, get whole frames back."""
+    """Incremental parser: feed bytes as they arrive, get whole frames back.
 
-    __slots__ = ("_buf", "_limit")
+    Frames of output are up to 256 KiB and pipe reads are too, so most frames span two
+    reads: the pieces are kept as they came and joined once, when the frame is complete
+    (each byte is copied twice at most: the join, and the slice that becomes the payload).
+    """
+
+    __slots__ = ("_limit", "_need", "_pending", "_pending_len")
 
     def __init__(self, limit: int) -> None:
-        self._buf = bytearray()
         self._limit = limit
+        self._pending: list[bytes | memoryview] = []
+        self._pending_len = 0
+        self._need = HEADER_SIZE  # bytes the pending pieces must reach to be worth a look
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Frames completed by `data`, in order; raises FrameTooLarge on a bad header."""
-        buf = self._buf
-        if not buf and len(data) >= HEADER_SIZE:
-            # Fast path: a whole frame in one read is the common case for small executions.
-            kind, size = HEADER.unpack_from(data)
-            if size > self._limit:
-                raise FrameTooLarge(size, self._limit)
-            end = HEADER_SIZE + size
-            if len(data) == end:
-                return [(kind, data[HEADER_SIZE:])]
-        buf += data
+        if self._pending:
+            self._pending.append(data)
+            self._pending_len += len(data)
+            if self._pending_len < self._need:
+                return []
+            data = b"".join(self._pending)
+            self._pending = []
         frames: list[tuple[int, bytes]] = []
-        start = 0
-        while len(buf) - start >= HEADER_SIZE:
-            kind, size = HEADER.unpack_from(buf, start)
+        total = len(data)
+        pos = 0
+        need = HEADER_SIZE
+        while total - pos >= HEADER_SIZE:
+            kind, size = HEADER.unpack_from(data, pos)
             if size > self._limit:
                 raise FrameTooLarge(size, self._limit)
-            end = start + HEADER_SIZE + size
-            if len(buf) < end:
+            end = pos + HEADER_SIZE + size
+            if end > total:
+                need = HEADER_SIZE + size
                 break
-            frames.append((kind, bytes(buf[start + HEADER_SIZE : end])))
-            start = end
-        del buf[:start]
+            frames.append((kind, data[pos + HEADER_SIZE : end]))
+            pos = end
+        if pos < total:
+            rest = memoryview(data)[pos:]
+            self._pending = [rest]
+            self._pending_len = len(rest)
+            self._need = need
         return frames
