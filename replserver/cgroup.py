@@ -65,6 +65,7 @@ class CgroupTree:
                 return None  # not delegated to us; enabling it would move other processes
             base = parent / name
             version = 2
+        _remove_stale(base.parent)
         try:
             base.mkdir(exist_ok=True)
             if version == 2:
@@ -93,6 +94,30 @@ class CgroupTree:
             self.base.rmdir()
         except OSError as exc:
             log.warning("could not remove %s: %s", self.base, exc)
+
+
+def _remove_stale(parent: Path) -> None:
+    """Remove the trees of servers that died without cleaning up (SIGKILL, a crash): their
+    processes are gone (the children die with the server), only empty directories stay."""
+    for tree in parent.glob("replserver-*-*"):
+        try:
+            pid = int(tree.name.split("-")[1])
+            os.kill(pid, 0)
+            continue  # that server still runs
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        for child in tree.glob("child-*"):
+            ChildCgroup(child).kill_all()
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+        try:
+            tree.rmdir()
+        except OSError:
+            pass
 
 
 class ChildCgroup:

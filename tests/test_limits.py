@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import subprocess
 import time
 from typing import Any
 
@@ -291,3 +292,23 @@ async def test_completion_metadata(guarded: Client) -> None:
     assert complete["type"] == "complete"
     assert complete["returnCode"] == 1 and complete["executionCount"] == 2
     assert complete["reason"] == "exception" and complete["durationMs"] >= 0
+
+
+def test_stale_cgroup_trees_of_dead_servers_are_removed() -> None:
+    from replserver.cgroup import CgroupTree
+
+    probe = CgroupTree.create()
+    if probe is None:
+        pytest.skip("no pids cgroup can be created here")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = probe.base.parent / f"replserver-{proc.pid}-dead00"
+    (stale / "child-1").mkdir(parents=True)
+    fresh = CgroupTree.create()  # a new server starting up tidies its predecessors' trees
+    try:
+        assert fresh is not None and not stale.exists()
+        assert probe.base.exists()  # a live server's tree is left alone
+    finally:
+        asyncio.run(probe.remove())
+        if fresh is not None:
+            asyncio.run(fresh.remove())
