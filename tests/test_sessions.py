@@ -5,12 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
-import socket
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,17 +17,9 @@ from replserver.app import create_app
 from replserver.metrics import JsonAccessLogger
 from replserver.routes import MANAGER
 
+from . import servers
 from .conftest import Client, MakeClient, execute, parse_sse
 from .conftest import test_settings as settings_for_test
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_for(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
@@ -291,40 +278,21 @@ async def test_access_log_is_structured_and_never_has_code(
 async def test_disconnects_are_noticed_by_a_real_server() -> None:
     """`python -m replserver` does not cancel handlers when clients leave (aiohttp's
     default, unlike the test server): the stream notices by itself."""
-    port = free_port()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REPL_LOG_LEVEL": "warning"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "replserver",
-        "--port",
-        str(port),
-        env=env,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    replica = await servers.start()
     try:
+        await replica.wait_ready()
         async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        await (await http.get(f"{base}/health")).read()
-                        break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.1)
             silent = "import time\nprint('up', flush=True)\nwhile True:\n    time.sleep(0.05)"
             for sid, stop in (("keeps", False), ("stops", True)):
                 body = {"code": silent, "stopOnDisconnect": stop, "timeout": 20}
-                resp = await http.post(f"{base}/execute-stream/{sid}", json=body)
+                resp = await http.post(f"{replica.base}/execute-stream/{sid}", json=body)
                 await read_until(resp, lambda e: e.get("content", "").startswith("up"))
                 resp.close()
             await asyncio.sleep(1.5)
             states = {}
             for sid in ("keeps", "stops"):
-                async with http.get(f"{base}/sessions/{sid}") as info:
+                async with http.get(f"{replica.base}/sessions/{sid}") as info:
                     states[sid] = (await info.json())["running"]
             assert states == {"keeps": True, "stops": False}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 10)
+        await replica.kill()
