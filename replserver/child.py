@@ -326,16 +326,13 @@ class ChildProcess:
         """SIGINT the child (KeyboardInterrupt in user code); False if it is gone."""
         return self.alive and self._signal_group(signal.SIGINT)
 
-    async def end(self, grace_s: float | None = None, *, reason: str | None = None) -> EndOutcome:
-        """The termination ladder: close stdin, wait; SIGTERM the group, wait; SIGKILL.
-        A running execution is told `reason`, not how the process died (our own SIGKILL)."""
+    async def end(self, grace_s: float | None = None) -> EndOutcome:
+        """The termination ladder: close stdin, wait; SIGTERM the group, wait; SIGKILL."""
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         if self._gone.done():
             self._signal_group(signal.SIGKILL)  # grandchildren may outlive the child itself
             await self._release()
             return "already-gone"
-        if reason is not None and self.error is None:
-            self.error = f"The session's Python process was ended: {reason}; its state was lost."
         outcome: EndOutcome = "exited"
         if self._stdin is not None:
             self._stdin.close()  # EOF: the child exits by itself when idle

@@ -161,10 +161,6 @@ class Execution:
         """Output kept so far (at most the cap)."""
         return self._max_output - self._remaining
 
-    @property
-    def last_seq(self) -> int:
-        return self._next_seq - 1
-
     # --- producer side (child pipe callbacks) -----------------------------------------------
     def push(self, kind: int, data: bytes) -> None:
         """Output, a result or a display: all count towards the output cap."""
@@ -329,10 +325,3 @@ class Execution:
         request, self.input_request = self.input_request, None
         if request is not None and self.outcome is None:
             self._reply(request.number, None)
-
-    async def wait(self) -> Done | Failure:
-        """Wait for the outcome without reading the events."""
-        async for _ in self.follow(self._next_seq - 1):
-            pass
-        assert self.outcome is not None
-        return self.outcome
