@@ -63,6 +63,7 @@ DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
 READ_CHUNK = 256 * 1024
 BURST_WINDOW_S = 0.002
+BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 
 NO_INPUT_MESSAGE = "input() is not available in /execute: use /execute-stream to answer it"
@@ -243,9 +244,9 @@ class Runner(Repl):
             if self.running:
                 raise KeyboardInterrupt
 
-    def _forward_available(self) -> bool:
-        """Forward what the output pipes hold now; caller holds the lock. False if nothing."""
-        moved = False
+    def _forward_available(self) -> int:
+        """Forward what the output pipes hold now; caller holds the lock. Bytes moved."""
+        moved = 0
         for fd, kind in ((self.out_r, T_STDOUT), (self.err_r, T_STDERR)):
             while True:
                 try:
@@ -255,7 +256,7 @@ class Runner(Repl):
                 if not data:
                     break
                 self._write(encode_frame(kind, data))
-                moved = True
+                moved += len(data)
                 if len(data) < READ_CHUNK:
                     break
         return moved
@@ -272,6 +273,7 @@ class Runner(Repl):
         poller.register(self.proto_in, 0)
         invalid = select.POLLERR | select.POLLNVAL
         last = 0.0
+        moved = 0
         while True:
             events = poller.poll()
             for fd, mask in events:
@@ -283,10 +285,12 @@ class Runner(Repl):
             # A write after a quiet spell goes out at once (no added latency); during a
             # burst, wait a moment so that one frame -- and one GIL hand-over -- carries
             # the output of many small writes instead of each of them.
-            if monotonic() - last < BURST_WINDOW_S:
+            # Bulk output (big reads) coalesces by itself and must not depend on how soon
+            # a sleep ends: only a burst of small writes waits.
+            if moved < BULK_BYTES and monotonic() - last < BURST_WINDOW_S:
                 sleep(BURST_WINDOW_S / 2)
             with self.lock:
-                self._forward_available()
+                moved = self._forward_available()
             last = monotonic()
 
     @staticmethod
