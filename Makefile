@@ -2,7 +2,8 @@
 # Children of a root server run as unprivileged uids that must be able to execute the
 # venv's interpreter: prefer a system-wide Python 3.11+ (pyenv's under /root is private).
 PYTHON ?= $(shell for p in /usr/bin/python3 /usr/local/bin/python3 python3; do \
-	$$p -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && { echo $$p; break; }; done)
+	$$p -c 'import sys, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null \
+	&& { echo $$p; break; }; done)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
