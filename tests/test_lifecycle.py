@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -15,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
+from . import servers
 from .conftest import MakeClient, execute
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SPAWN_PIDS = (
     "import os, subprocess\n"
     "sleeper = subprocess.Popen(['sleep', '60'])\n"
@@ -58,13 +56,6 @@ def kill_leftovers(pids: list[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Server:
     def __init__(self, proc: asyncio.subprocess.Process, base: str) -> None:
         self.proc = proc
@@ -87,43 +78,14 @@ class Server:
 @asynccontextmanager
 async def server_process() -> AsyncIterator[Server]:
     """`python -m replserver` on a free port, in its own process group, ready to serve."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
-    env.pop("ENVIRONMENT", None)
-    env.pop("CORS_ORIGINS", None)
-    env.update(REPL_LOG_LEVEL="warning", REPL_SHUTDOWN_GRACE_S="1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "replserver",
-        "--port",
-        str(port),
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    server = Server(proc, f"http://127.0.0.1:{port}")
+    replica = await servers.start()
+    server = Server(replica.proc, replica.base)
     try:
-        async with asyncio.timeout(15):
-            while True:
-                assert proc.returncode is None, "the server exited during start-up"
-                try:
-                    async with server.http.get(f"{server.base}/health") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+        await replica.wait_ready(15)
         yield server
     finally:
         await server.http.close()
-        if proc.returncode is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await replica.kill()
 
 
 async def test_sigkill_of_server_ends_children_and_grandchildren() -> None:
