@@ -9,6 +9,7 @@ child is dead, so a uid or directory is never handed on while something still us
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import py_compile
@@ -79,6 +80,10 @@ class Isolation:
         make_undumpable()
         first, last = settings.uids
         self._free_uids = list(range(last, first - 1, -1)) if self.root else []
+        self._uid_locks: dict[int, int] = {}  # uid -> descriptor holding its host-wide lock
+        self._uid_lock_dir = Path(tempfile.gettempdir()) / "replserver-uids"
+        if self.root:
+            self._uid_lock_dir.mkdir(mode=0o700, exist_ok=True)
         self._seccomp: SockFprog | None = None
         self.netns = False
         if settings.network == "none":
@@ -143,11 +148,7 @@ class Isolation:
 
     def lease(self) -> Lease:
         """Everything one new child needs; raises ChildStartError when uids run out."""
-        uid = None
-        if self.root:
-            if not self._free_uids:
-                raise ChildStartError("no free uid left in REPL_UID_RANGE for a new session")
-            uid = self._free_uids.pop()
+        uid = self._take_uid() if self.root else None
         workdir = self.work_base / f"s-{secrets.token_hex(8)}"
         try:
             workdir.mkdir(mode=0o700)
@@ -155,7 +156,7 @@ class Isolation:
                 os.chown(workdir, uid, uid)
         except OSError as exc:
             if uid is not None:
-                self._free_uids.append(uid)
+                self._give_back_uid(uid)
             raise ChildStartError(f"could not create the session's directory: {exc}") from exc
         cgroup = self.cgroups.new(self._settings.limit_processes) if self.cgroups else None
         confinement = Confinement(uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp)
@@ -193,9 +194,43 @@ class Isolation:
             await asyncio.to_thread(_kill_uid, lease.uid)
         await asyncio.to_thread(shutil.rmtree, lease.workdir, True)
         if lease.uid is not None:
-            self._free_uids.insert(0, lease.uid)  # reused last: least recently used first
+            self._give_back_uid(lease.uid)
+
+    def _take_uid(self) -> int:
+        """A uid from the range that no server on this host is using.
+
+        Every server of the host draws from the same REPL_UID_RANGE (replicas side by side,
+        a test suite's servers), so a uid is also held by an flock on a file of the host:
+        held while a child uses it, and released by the kernel if the server dies.
+        """
+        skipped = []
+        try:
+            while self._free_uids:
+                uid = self._free_uids.pop()
+                fd = os.open(
+                    self._uid_lock_dir / str(uid), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    skipped.append(uid)  # another server's child has it
+                    continue
+                self._uid_locks[uid] = fd
+                return uid
+        finally:
+            self._free_uids[0:0] = skipped  # tried again last
+        raise ChildStartError("no free uid left in REPL_UID_RANGE for a new session")
+
+    def _give_back_uid(self, uid: int) -> None:
+        fd = self._uid_locks.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # releases the flock
+        self._free_uids.insert(0, uid)  # reused last: least recently used first
 
     async def close(self) -> None:
+        for uid in list(self._uid_locks):
+            self._give_back_uid(uid)
         if self.cgroups is not None:
             await self.cgroups.remove()
             self.cgroups = None

@@ -427,3 +427,27 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
     # Beside its own directory it sees the runner it executes, and no other session's.
     listing = ast.literal_eval(lines[3])
     assert len(listing) == 2 and "runner" in listing, listing
+
+
+async def test_servers_on_one_host_never_share_a_uid() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("uids are handed out only by a root server")
+    from replserver.errors import ChildStartError
+    from replserver.isolation import Isolation
+
+    from .conftest import test_settings as settings_for_test
+
+    # Two servers with the same range, as replicas side by side on one host.
+    settings = settings_for_test(uid_range="63990-63992", cgroups="off")
+    first, second = Isolation(settings), Isolation(settings)
+    try:
+        leases = [first.lease(), first.lease()]
+        other = second.lease()
+        assert other.uid not in {lease.uid for lease in leases}
+        with pytest.raises(ChildStartError, match="no free uid"):
+            second.lease()  # the range is used up, across both servers
+        await first.release(leases[0])
+        assert second.lease().uid == leases[0].uid  # free again once released
+    finally:
+        await first.close()
+        await second.close()
