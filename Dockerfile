@@ -16,10 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 # Only what the package needs to install: pyproject.toml, README.md (the long description),
-# the package and the child scripts; `pip install .` brings the runtime dependencies only
-# (aiohttp, aiohttp-sse, aiohttp-cors), not the dev tools. The tests run the same command.
-COPY pyproject.toml README.md runner_child.py runner_repl.py ./
+# the server package, the child's script and package; `pip install .` brings the runtime
+# dependencies only (aiohttp, aiohttp-sse, aiohttp-cors), not the dev tools. The tests run
+# the same command.
+COPY pyproject.toml README.md runner_child.py ./
 COPY replserver ./replserver
+COPY replchild ./replchild
 RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-packages
 
 # The server runs as root, on purpose, and user code never does. Each session's process is

@@ -13,8 +13,8 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Editable in "compat" mode: a plain path entry, so runner_child.py is found in this tree
-# and the child pays for no import hook at start-up.
+# Editable in "compat" mode: a plain path entry, so runner_child.py and replchild/ are found
+# in this tree and the child pays for no import hook at start-up.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=compat

@@ -7,13 +7,15 @@ captures everything written to fd 1 and 2 -- print, os.write, C code, subprocess
 keeps it from ever touching the protocol stream.
 
 Stdlib only, and as few imports as possible: every session pays for them at start-up.
-The frame layout is duplicated from replserver/protocol.py on purpose (this file must not
-import the server package into the user's sys.modules); a test checks that they agree.
+It must not import the server package (aiohttp and friends) into the user's process: the
+frame format comes from replchild/wire.py, which replserver/protocol.py uses too, and main()
+takes our modules out of sys.modules before any user code runs.
 
 Beyond output, the runner gives user code what a REPL gives: the value of a final expression
 (sys.displayhook, kept in `_`), rich displays of objects that follow IPython's `_repr_*_`
 convention (`display()` is a builtin), input() and getpass answered through the stream, and
-matplotlib figures as PNG displays. Most of that lives in runner_repl.py, next to this file.
+matplotlib figures as PNG displays. Those live in replchild/repl.py, built on this file's
+frame channel.
 """
 
 from __future__ import annotations
@@ -26,38 +28,36 @@ import io
 import os
 import sys
 
+from replchild import repl, wire
+from replchild.repl import Repl
+from replchild.wire import (
+    FLAG_INPUT,
+    FLAG_REAP,
+    HEADER,
+    HEADER_SIZE,
+    INPUT,
+    INPUT_VALUE,
+    REASON_EXCEPTION,
+    REASON_EXIT,
+    REASON_INTERRUPTED,
+    REASON_MEMORY,
+    REASON_OK,
+    T_EXEC,
+    T_FATAL,
+    T_INPUT_REPLY,
+    T_READY,
+    T_STDERR,
+    T_STDOUT,
+    encode,
+    encode_done,
+    encode_input_request,
+)
+
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
 if TYPE_CHECKING:
     import traceback
     from collections.abc import Callable
     from typing import NoReturn
-
-    from runner_repl import Repl
-
-# --- framing (mirror of replserver/protocol.py) -------------------------------------------
-HEADER_SIZE = 5  # 1 byte type + 4 bytes big-endian payload length
-T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
-FLAG_REAP = 0x01  # EXEC flag: the server killed processes of ours; reap their zombies first
-FLAG_INPUT = 0x02  # EXEC flag: a client can answer input requests (a stream)
-T_INPUT_REPLY = 0x69  # 'i' server -> child: request number (4), status byte, UTF-8 value
-T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
-T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
-T_RESULT = 0x56  # 'V' child -> server: UTF-8 repr of the value of the final expression
-T_DISPLAY = 0x4D  # 'M' child -> server: a JSON mime bundle (binary data base64-encoded)
-T_INPUT_REQUEST = 0x49  # 'I' child -> server: request number (4), flags byte, UTF-8 prompt
-T_DONE = 0x44  # 'D' child -> server: execution finished (see finish)
-T_READY = 0x52  # 'R' child -> server: set up, waiting for work; payload: pid as text
-T_FATAL = 0x21  # '!' child -> server: protocol error text; the child exits after it
-
-INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: do not echo (getpass)
-INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
-INPUT_EOF = 1  # INPUT_REPLY status: no value will come (the client went away)
-
-REASON_OK = 0
-REASON_EXCEPTION = 1
-REASON_EXIT = 2  # SystemExit with a non-zero code
-REASON_INTERRUPTED = 3
-REASON_MEMORY = 4
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
@@ -65,39 +65,15 @@ READ_CHUNK = 256 * 1024
 BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
+PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 
 NO_INPUT_MESSAGE = "input() is not available in /execute: use /execute-stream to answer it"
 
-
-def encode_frame(kind: int, payload: bytes) -> bytes:
-    """Header and payload as one bytes object (one write keeps frames whole)."""
-    return bytes((kind,)) + len(payload).to_bytes(4, "big") + payload
+# Frames of these files are left out of the tracebacks user code sees.
+RUNNER_FILES = frozenset((__file__, repl.__file__, wire.__file__))
 
 
-def _load_sibling(name: str) -> tuple[dict[str, object], str]:
-    """Run the module `name`.py next to this file, from its cached bytecode where there is
-    one (a script is compiled at every start, a module is not), without putting it in
-    the user's sys.modules; its namespace and path."""
-    import _frozen_importlib_external  # already loaded: the import system itself
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    namespace: dict[str, object] = {"__name__": name, "__file__": path}
-    code = _frozen_importlib_external.SourceFileLoader(name, path).get_code(name)
-    if code is None:
-        raise ImportError(f"no code in {path}")
-    exec(code, namespace)
-    return namespace, path
-
-
-if TYPE_CHECKING:
-    REPL_FILE = ""
-else:
-    _repl, REPL_FILE = _load_sibling("runner_repl")
-    Repl = _repl["Repl"]
-RUNNER_FILES = frozenset((__file__, REPL_FILE))  # frames of these are left out of tracebacks
-
-
-class Runner(Repl):
+class Runner:
     """The session's interpreter state and the loop serving execute requests."""
 
     def __init__(
@@ -112,7 +88,6 @@ class Runner(Repl):
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.max_frame = max_frame
-        self.max_result = max_result  # characters of a repr or prompt before it is cut
         self.count = 0
         self.running = False  # SIGINT raises KeyboardInterrupt only while user code runs
         # While the main thread moves a frame in or out, a SIGINT is held back (a frame cut
@@ -125,7 +100,6 @@ class Runner(Repl):
         self.inbuf = bytearray()  # request bytes read but not yet consumed
         self.input_allowed = False  # FLAG_INPUT of the execution in progress
         self.input_number = 0
-        self.pyplot_show: Callable[..., None] | None = None  # our pyplot.show, once patched
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
@@ -145,7 +119,16 @@ class Runner(Repl):
             self.out_r, self.out_w = self._tune(*os.pipe())
             self.err_r, self.err_w = self._tune(*os.pipe())
         self._install_std_fds()
-        self.install_hooks()
+        self.repl = Repl(
+            self.module,
+            send=self.send_in_order,
+            ask=self.read_input,
+            report=self.report,
+            write_stderr=self.write_stderr,
+            max_frame=max_frame,
+            max_result=max_result,
+        )
+        self.repl.install_hooks()
 
     # --- descriptors ------------------------------------------------------------------------
     @staticmethod
@@ -207,18 +190,21 @@ class Runner(Repl):
 
     def send(self, kind: int, payload: bytes) -> None:
         with self.lock:
-            self._write(encode_frame(kind, payload))
+            self._write(encode(kind, payload))
 
-    def send_in_order(self, kind: int, payload: bytes) -> None:
-        """Send a frame from user code: after all output written before it, and whole."""
+    def send_in_order(self, kind: int, payload: bytes) -> bool:
+        """Send a frame from user code: after all output written before it, and whole.
+        False in a copy made by os.fork(), which has no protocol pipes."""
+        return self._send_frame_in_order(encode(kind, payload))
+
+    def _send_frame_in_order(self, frame: bytes) -> bool:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except BaseException:  # noqa: BLE001 - user may have replaced or closed it
                 pass
-        if self.forked:  # a copy made by os.fork() has no protocol pipes
-            return
-        frame = encode_frame(kind, payload)
+        if self.forked:
+            return False
         main = _thread.get_ident() == self.main_thread
         if main:
             self.deferring = True
@@ -231,12 +217,7 @@ class Runner(Repl):
                 self.deferring = False
         if main:
             self._raise_deferred()
-
-    def send_result(self, text: str) -> None:
-        self.send_in_order(T_RESULT, self._utf8(text))
-
-    def send_display_json(self, payload: bytes) -> None:
-        self.send_in_order(T_DISPLAY, payload)
+        return True
 
     def _raise_deferred(self) -> None:
         if self.interrupted:
@@ -255,7 +236,7 @@ class Runner(Repl):
                     break
                 if not data:
                     break
-                self._write(encode_frame(kind, data))
+                self._write(encode(kind, data))
                 moved += len(data)
                 if len(data) < READ_CHUNK:
                     break
@@ -308,7 +289,7 @@ class Runner(Repl):
         buf = self.inbuf
         while True:
             if len(buf) >= HEADER_SIZE:
-                kind, size = buf[0], int.from_bytes(buf[1:HEADER_SIZE], "big")
+                kind, size = HEADER.unpack_from(buf)
                 if size > self.max_frame:
                     self.fatal(f"request frame of {size} bytes exceeds {self.max_frame}")
                 end = HEADER_SIZE + size
@@ -421,7 +402,7 @@ class Runner(Repl):
         return_code, reason, note = self._run(self._run_cell, code, name)
         if "matplotlib.pyplot" in sys.modules and not self.forked:
             # Figures the code left open are shown and closed, as in a notebook.
-            flushed = self._run(self.flush_figures)
+            flushed = self._run(self.repl.flush_figures)
             if return_code == 0:
                 return_code, reason, note = flushed
         if self.forked:
@@ -443,7 +424,7 @@ class Runner(Repl):
             if status is not None and status != 0:
                 return_code, reason = 1, REASON_EXIT
                 note = f"SystemExit: {status}"
-                self._write_fd2(f"{note}\n".encode("utf-8", "backslashreplace"))
+                self.write_stderr(f"{note}\n".encode("utf-8", "backslashreplace"))
         except BaseException as exc:  # noqa: BLE001 - everything user code raises is reported
             return_code = 1
             if isinstance(exc, KeyboardInterrupt):
@@ -497,9 +478,9 @@ class Runner(Repl):
             text = "".join(summary.format())
         except BaseException as fmt_exc:  # noqa: BLE001 - a broken __str__ must not kill us
             text = f"{type(exc).__name__} (traceback unavailable: {type(fmt_exc).__name__})\n"
-        self._write_fd2(text.encode("utf-8", "backslashreplace"))
+        self.write_stderr(text.encode("utf-8", "backslashreplace"))
 
-    def _write_fd2(self, data: bytes) -> None:
+    def write_stderr(self, data: bytes) -> None:
         try:
             sys.stderr.flush()
         except BaseException:  # noqa: BLE001 - user may have replaced or closed it
@@ -512,25 +493,26 @@ class Runner(Repl):
                 continue
             view = view[n:]
 
-    def read_input(self, prompt: object, *, password: bool) -> str:
+    def read_input(self, prompt: bytes, password: bool) -> str:
         """Send an input request and wait for its answer (a stop ends the wait)."""
         if not self.input_allowed:
             raise EOFError(NO_INPUT_MESSAGE)
         if self.forked or _thread.get_ident() != self.main_thread:
             raise EOFError("input() can only be answered in the main thread of the session")
         self.input_number = number = (self.input_number + 1) & 0xFFFFFFFF
-        flags = INPUT_PASSWORD if password else 0
-        request = number.to_bytes(4, "big") + bytes((flags,)) + self._utf8(self.cut(str(prompt)))
-        self.send_in_order(T_INPUT_REQUEST, request)
+        self._send_frame_in_order(encode_input_request(number, prompt, password=password))
         while True:
             kind, payload = self.read_frame()
             if kind != T_INPUT_REPLY:
                 self.fatal(f"unexpected frame type {kind:#x} while waiting for input")
-            if int.from_bytes(payload[:4], "big") == number:
+            if len(payload) < INPUT.size:
+                self.fatal(f"input reply of {len(payload)} bytes is too short")
+            answered, status = INPUT.unpack_from(payload)
+            if answered == number:
                 break  # otherwise the answer to an earlier, interrupted request: stale
-        if payload[4:5] != bytes((INPUT_VALUE,)):
+        if status != INPUT_VALUE:
             raise EOFError("no input: the client that could answer it went away")
-        return payload[5:].decode("utf-8", "surrogatepass")
+        return payload[INPUT.size :].decode("utf-8", "surrogatepass")
 
     def finish(self, return_code: int, reason: int, note: str) -> None:
         """Forward every byte written so far, then the completion frame, in that order."""
@@ -540,18 +522,18 @@ class Runner(Repl):
             except BaseException:  # noqa: BLE001 - user may have replaced or closed it
                 pass
         cpu_us, peak_rss = self.usage.stop()
-        payload = (
-            return_code.to_bytes(4, "big", signed=True)
-            + self.count.to_bytes(4, "big")
-            + bytes((reason,))
-            + cpu_us.to_bytes(8, "big")
-            + peak_rss.to_bytes(8, "big")
-            + note.encode("utf-8", "backslashreplace")
+        frame = encode_done(
+            return_code,
+            self.count,
+            reason,
+            cpu_us,
+            peak_rss,
+            note.encode("utf-8", "backslashreplace"),
         )
         with self.lock:
             self._forward_available()
             if self.count:  # not the warm-up's (count 0): the server's first frame is READY
-                self._write(encode_frame(T_DONE, payload))
+                self._write(frame)
 
 
 def _strip_runner_frames(
@@ -634,10 +616,19 @@ def make_undumpable() -> None:
     import _ctypes
 
     prctl = _ctypes.dlsym(_ctypes.dlopen(None, os.RTLD_NOW), "prctl")  # type: ignore[arg-type]
-    _ctypes.call_function(prctl, (4, 0, 0, 0, 0))
+    _ctypes.call_function(prctl, (PR_SET_DUMPABLE, 0, 0, 0, 0))
+
+
+def forget_our_modules() -> None:
+    """Take this file and the child package out of sys.modules: user code sees none of
+    ours. Their code lives on in the functions and objects that use it."""
+    ours = [n for n in sys.modules if n.partition(".")[0] in ("runner_child", "replchild")]
+    for name in ours:
+        del sys.modules[name]
 
 
 def main() -> None:
+    forget_our_modules()
     # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
     # subprocesses of user code never inherit them.
     usage = Usage()  # opens /proc/self files while they are still ours to open

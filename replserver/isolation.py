@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import replchild
+
 from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError
 from .sandbox import Confinement, make_undumpable
@@ -239,24 +241,30 @@ class Isolation:
 
 # How a child starts: import the runner from its directory (so from its compiled .pyc: a
 # script run by path is compiled afresh every time, which costs each session ~1 MB of
-# memory and milliseconds of start-up), then leave sys.path and sys.modules as they were.
+# memory and milliseconds of start-up), then leave sys.path as it was; runner_child.main()
+# takes its own modules out of sys.modules.
 BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop()); import runner_child; "
-    "del sys.path[0], sys.modules['runner_child']; runner_child.main()"
+    "del sys.path[0]; runner_child.main()"
 )
 
 
-RUNNER_MODULES = ("runner_child.py", "runner_repl.py")  # the second loaded by the first
+CHILD_PACKAGE = Path(replchild.__file__).parent  # the child side's modules, beside the runner
 
 
 def install_runner(source: str, directory: Path) -> str:
-    """Copy the runner (and its sibling) where every child's uid can read them, and
-    compile them there; the path of the copied runner_child.py."""
+    """Copy the runner and the child package where every child's uid can read them, and
+    compile them there; the path of the copied runner_child.py.
+
+    The package is the one this server imports, so both ends use the same wire module.
+    """
     directory.mkdir(mode=0o755)
-    origin = Path(source).parent
-    for name in RUNNER_MODULES:
-        copy = directory / name
-        shutil.copyfile(origin / name if name != "runner_child.py" else source, copy)
+    package = directory / CHILD_PACKAGE.name
+    package.mkdir(mode=0o755)
+    copies = [(Path(source), directory / "runner_child.py")]
+    copies += [(module, package / module.name) for module in sorted(CHILD_PACKAGE.glob("*.py"))]
+    for origin, copy in copies:
+        shutil.copyfile(origin, copy)
         copy.chmod(0o644)
         py_compile.compile(str(copy), doraise=True)
     return str(directory / "runner_child.py")

@@ -1,41 +1,77 @@
-"""Frames exchanged with runner_child.py: a 5-byte header (type, big-endian length), a payload.
+"""The server's end of the frames: decoding the child's records, and an incremental parser.
 
-Output travels as raw bytes, never re-encoded; results, prompts and replies are UTF-8 text,
-displays JSON; only the completion record and the input frames have a binary layout.
-runner_child.py carries its own copy of these constants (it must not import this package);
-tests/test_protocol.py checks that the two copies agree.
+The format itself (frame types, flags, layouts, encoders) is defined once, in
+replchild/wire.py, which the child uses too; this module re-exports it for the server.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
-HEADER = struct.Struct(">BI")
-HEADER_SIZE = HEADER.size
+# The layouts, private here: only the decoders below use them.
+from replchild.wire import DONE as _DONE
+from replchild.wire import (
+    FLAG_INPUT,
+    FLAG_REAP,
+    HEADER,
+    HEADER_SIZE,
+    INPUT_EOF,
+    INPUT_PASSWORD,
+    INPUT_VALUE,
+    REASON_EXCEPTION,
+    REASON_EXIT,
+    REASON_INTERRUPTED,
+    REASON_MEMORY,
+    REASON_OK,
+    T_DISPLAY,
+    T_DONE,
+    T_EXEC,
+    T_FATAL,
+    T_INPUT_REPLY,
+    T_INPUT_REQUEST,
+    T_READY,
+    T_RESULT,
+    T_STDERR,
+    T_STDOUT,
+    encode,
+    encode_exec,
+    encode_input_reply,
+)
+from replchild.wire import INPUT as _INPUT
 
-T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
-FLAG_REAP = 0x01  # EXEC flag: processes of the child were killed; reap their zombies first
-FLAG_INPUT = 0x02  # EXEC flag: input requests can be answered (a stream); else EOFError
-T_INPUT_REPLY = 0x69  # 'i' server -> child: request number (4), status byte, UTF-8 value
-T_STDOUT = 0x4F  # 'O' child -> server: raw bytes written to fd 1
-T_STDERR = 0x45  # 'E' child -> server: raw bytes written to fd 2
-T_RESULT = 0x56  # 'V' child -> server: UTF-8 repr of the value of the final expression
-T_DISPLAY = 0x4D  # 'M' child -> server: JSON mime bundle, binary data base64-encoded
-T_INPUT_REQUEST = 0x49  # 'I' child -> server: request number (4), flags byte, UTF-8 prompt
-T_DONE = 0x44  # 'D' child -> server: execution finished
-T_READY = 0x52  # 'R' child -> server: set up and waiting; payload is its pid
-T_FATAL = 0x21  # '!' child -> server: protocol error text, then the child exits
+__all__ = [
+    "FLAG_INPUT",
+    "FLAG_REAP",
+    "HEADER",
+    "HEADER_SIZE",
+    "INPUT_EOF",
+    "INPUT_PASSWORD",
+    "INPUT_VALUE",
+    "REASON_EXCEPTION",
+    "REASON_EXIT",
+    "REASON_INTERRUPTED",
+    "REASON_MEMORY",
+    "REASON_NAMES",
+    "REASON_OK",
+    "T_DISPLAY",
+    "T_DONE",
+    "T_EXEC",
+    "T_FATAL",
+    "T_INPUT_REPLY",
+    "T_INPUT_REQUEST",
+    "T_READY",
+    "T_RESULT",
+    "T_STDERR",
+    "T_STDOUT",
+    "Done",
+    "FrameParser",
+    "FrameTooLarge",
+    "InputRequest",
+    "encode",
+    "encode_exec",
+    "encode_input_reply",
+]
 
-INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: getpass, the answer is not echoed
-INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
-INPUT_EOF = 1  # INPUT_REPLY status: no answer will come; input() raises EOFError
-
-REASON_OK = 0
-REASON_EXCEPTION = 1
-REASON_EXIT = 2
-REASON_INTERRUPTED = 3
-REASON_MEMORY = 4
 REASON_NAMES = {
     REASON_OK: "ok",
     REASON_EXCEPTION: "exception",
@@ -43,9 +79,6 @@ REASON_NAMES = {
     REASON_INTERRUPTED: "interrupted",
     REASON_MEMORY: "memory",
 }
-
-_DONE = struct.Struct(">iIBQQ")  # return code, count, reason, CPU us, peak RSS bytes
-_INPUT = struct.Struct(">IB")  # input request and reply: request number, flags or status
 
 
 class FrameTooLarge(ValueError):
@@ -55,25 +88,6 @@ class FrameTooLarge(ValueError):
         super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit")
         self.size = size
         self.limit = limit
-
-
-def encode(kind: int, payload: bytes) -> bytes:
-    """One frame as a single bytes object."""
-    return HEADER.pack(kind, len(payload)) + payload
-
-
-def encode_exec(code: str, flags: int = 0) -> bytes:
-    """The request frame for running `code`."""
-    body = code.encode("utf-8", "surrogatepass")
-    return HEADER.pack(T_EXEC, len(body) + 1) + bytes((flags,)) + body
-
-
-def encode_input_reply(number: int, value: str | None) -> bytes:
-    """The answer to input request `number`; None means end of input (EOFError)."""
-    if value is None:
-        return encode(T_INPUT_REPLY, _INPUT.pack(number, INPUT_EOF))
-    body = value.encode("utf-8", "surrogatepass")
-    return encode(T_INPUT_REPLY, _INPUT.pack(number, INPUT_VALUE) + body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,12 +7,15 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import venv
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from replserver.isolation import install_runner
 
 from . import dockerfile
 from .dockerfile import DOCKERFILE, ROOT
@@ -37,15 +40,34 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=240,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
-    origin = subprocess.run(
-        [python, "-c", "import importlib.util as u; print(u.find_spec('runner_child').origin)"],
+    # The child's script and package sit side by side in the venv, as the child imports them.
+    names = ("runner_child", "replchild", "replchild.wire")
+    code = f"import importlib.util as u\nfor n in {names}: print(u.find_spec(n).origin)"
+    origins = subprocess.run(
+        [python, "-c", code],
         check=True,
         capture_output=True,
         text=True,
         cwd=env_dir,
-    ).stdout.strip()
-    assert origin.startswith(str(env_dir)), f"runner_child found outside the venv: {origin}"
+    ).stdout.split()
+    runner, package, wire = map(Path, origins)
+    assert runner.is_relative_to(env_dir), f"runner_child found outside the venv: {runner}"
+    assert package.parent.parent == runner.parent and package.parent.name == "replchild"
+    assert wire.parent == package.parent
     return python
+
+
+def test_install_runner_copies_the_child_package(tmp_path: Path) -> None:
+    """What a child's uid gets: the runner and the whole child package, readable, compiled."""
+    installed = Path(install_runner(str(ROOT / "runner_child.py"), tmp_path / "runner"))
+    sources = sorted(p.name for p in (ROOT / "replchild").glob("*.py"))
+    copied = sorted(p.name for p in (installed.parent / "replchild").glob("*.py"))
+    assert sources == copied and "wire.py" in copied and "repl.py" in copied
+    for module in [installed, *(installed.parent / "replchild").glob("*.py")]:
+        assert module.read_bytes() == (ROOT / module.relative_to(installed.parent)).read_bytes()
+        assert module.stat().st_mode & 0o777 == 0o644
+        cached = module.parent / "__pycache__" / f"{module.stem}.{sys.implementation.cache_tag}.pyc"
+        assert cached.is_file(), f"{module.name} is not compiled"
 
 
 @pytest.mark.timeout(300)
@@ -77,7 +99,7 @@ async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: 
             url = f"http://127.0.0.1:{port}/execute/pkg"
             async with http.post(url, json={"code": "x = 6 * 7\nprint(x)"}) as resp:
                 body = await resp.json()
-            # The REPL extras (runner_repl.py) are installed next to the child script.
+            # The REPL front ends (replchild/repl.py) are installed next to the child script.
             async with http.post(url, json={"code": "display(6 * 7)\n6 * 7"}) as resp:
                 extras = await resp.json()
             # The web REPL page and its files are package data.

@@ -1,4 +1,4 @@
-"""The frame protocol: both layout copies agree, the parser, a real child on raw pipes."""
+"""The frame protocol: its one definition, the parser, a real child on raw pipes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager, suppress
 import pytest
 
 import runner_child
+from replchild import wire
 from replserver import protocol
 from replserver.child import child_environment
 from replserver.settings import Settings
 
-FRAME_CONSTANTS = (
+FRAME_TYPES = (
     "T_EXEC",
     "T_INPUT_REPLY",
     "T_STDOUT",
@@ -29,71 +30,94 @@ FRAME_CONSTANTS = (
     "T_READY",
     "T_FATAL",
 )
-REASON_CONSTANTS = ("REASON_OK", "REASON_EXCEPTION", "REASON_EXIT", "REASON_INTERRUPTED")
-FLAG_CONSTANTS = ("FLAG_REAP", "FLAG_INPUT", "INPUT_PASSWORD", "INPUT_VALUE", "INPUT_EOF")
+REASONS = ("REASON_OK", "REASON_EXCEPTION", "REASON_EXIT", "REASON_INTERRUPTED", "REASON_MEMORY")
 PAYLOADS = [b"", b"x", b"hello\n", bytes(range(256)), b"\x00" * 70000, "é😀".encode()]
 
 
-# --- the two copies of the layout ----------------------------------------------------------
+# --- the one definition of the format ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", (*FRAME_CONSTANTS, *REASON_CONSTANTS, *FLAG_CONSTANTS, "HEADER_SIZE")
-)
-def test_constants_agree(name: str) -> None:
-    assert getattr(runner_child, name) == getattr(protocol, name)
+def test_server_uses_the_wire_module_itself() -> None:
+    """protocol.py re-exports replchild.wire's objects: no second copy to drift."""
+    for name in (*FRAME_TYPES, *REASONS, "HEADER", "HEADER_SIZE", "FLAG_REAP", "FLAG_INPUT"):
+        assert getattr(protocol, name) is getattr(wire, name), name
+    for name in ("encode", "encode_exec", "encode_input_reply"):
+        assert getattr(protocol, name) is getattr(wire, name), name
 
 
 def test_exec_flags_are_distinct_bits() -> None:
-    assert protocol.FLAG_REAP & protocol.FLAG_INPUT == 0
-    assert protocol.INPUT_VALUE != protocol.INPUT_EOF
+    assert wire.FLAG_REAP & wire.FLAG_INPUT == 0
+    assert wire.INPUT_VALUE != wire.INPUT_EOF
 
 
-def test_frame_types_are_distinct() -> None:
-    values = [getattr(protocol, name) for name in FRAME_CONSTANTS]
+def test_frame_types_are_distinct_bytes() -> None:
+    values = [getattr(wire, name) for name in FRAME_TYPES]
     assert len(set(values)) == len(values)
     assert all(0 <= v < 256 for v in values)
 
 
+def test_every_reason_has_a_name_on_the_server() -> None:
+    values = {getattr(wire, name) for name in REASONS}
+    assert len(values) == len(REASONS)
+    assert set(protocol.REASON_NAMES) == values
+    assert protocol.REASON_NAMES[wire.REASON_MEMORY] == "memory"
+
+
+# The bytes on the wire, written out by hand: a change of the layout must be deliberate.
+
+
 def test_header_layout() -> None:
-    assert protocol.HEADER_SIZE == 5
-    assert protocol.encode(0x4F, b"abc") == b"\x4f\x00\x00\x00\x03abc"
+    assert wire.HEADER_SIZE == 5
+    assert wire.encode(0x4F, b"abc") == b"\x4f\x00\x00\x00\x03abc"
 
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: f"{len(p)}b")
-@pytest.mark.parametrize("kind", [protocol.T_STDOUT, protocol.T_DONE, 0xFF, 0])
-def test_encode_agrees(kind: int, payload: bytes) -> None:
-    assert runner_child.encode_frame(kind, payload) == protocol.encode(kind, payload)
+def test_encode_is_header_then_payload(payload: bytes) -> None:
+    frame = wire.encode(wire.T_STDOUT, payload)
+    assert frame == b"O" + len(payload).to_bytes(4, "big") + payload
 
 
-@pytest.mark.parametrize("code", ["print(1)", "", "é = '😀'", "x\x00y"])
+@pytest.mark.parametrize("code", ["print(1)", "", "é = '😀'", "x\x00y", "\ud800"])
 def test_encode_exec_layout(code: str) -> None:
-    frame = protocol.encode_exec(code)
-    body = code.encode()
-    assert frame == protocol.encode(protocol.T_EXEC, b"\x00" + body)
-    assert frame == runner_child.encode_frame(runner_child.T_EXEC, b"\x00" + body)
+    body = code.encode("utf-8", "surrogatepass")
+    assert wire.encode_exec(code) == b"X" + (len(body) + 1).to_bytes(4, "big") + b"\x00" + body
+    assert wire.encode_exec(code, wire.FLAG_INPUT | wire.FLAG_REAP)[5] == 0x03
+
+
+def test_done_layout() -> None:
+    frame = wire.encode_done(-7, 42, wire.REASON_EXIT, 1234, 5 << 20, "bye é".encode())
+    assert frame == (
+        b"D\x00\x00\x00\x1f"  # 25 bytes of record and a 6-byte note
+        + b"\xff\xff\xff\xf9"  # return code, signed
+        + b"\x00\x00\x00\x2a"  # execution count
+        + b"\x02"  # reason
+        + (1234).to_bytes(8, "big")  # CPU microseconds
+        + (5 << 20).to_bytes(8, "big")  # peak RSS bytes
+        + "bye é".encode()
+    )
+    [(kind, payload)] = protocol.FrameParser(1024).feed(frame)
+    assert kind == protocol.T_DONE
+    assert protocol.Done.decode(payload) == protocol.Done(-7, 42, "exit", 1234, 5 << 20, "bye é")
 
 
 @pytest.mark.parametrize("value", ["", "Ada", "é 😀\n", "\ud800", None])
 def test_input_reply_layout(value: str | None) -> None:
-    frame = protocol.encode_input_reply(7, value)
+    frame = wire.encode_input_reply(7, value)
+    body = b"" if value is None else value.encode("utf-8", "surrogatepass")
+    status = b"\x01" if value is None else b"\x00"
+    assert frame == b"i" + (5 + len(body)).to_bytes(4, "big") + b"\x00\x00\x00\x07" + status + body
+
+
+def test_input_request_layout_and_decode() -> None:
+    frame = wire.encode_input_request(0xFFFFFFFE, "Secret é: ".encode(), password=True)
+    assert frame[:10] == b"I\x00\x00\x00\x10\xff\xff\xff\xfe\x01"
     [(kind, payload)] = protocol.FrameParser(1024).feed(frame)
-    assert kind == runner_child.T_INPUT_REPLY
-    assert int.from_bytes(payload[:4], "big") == 7  # what Runner.read_input compares
-    if value is None:
-        assert payload[4] == runner_child.INPUT_EOF and len(payload) == 5
-    else:
-        assert payload[4] == runner_child.INPUT_VALUE
-        assert payload[5:].decode("utf-8", "surrogatepass") == value
-
-
-def test_input_request_decodes_runner_layout() -> None:
-    flags = bytes((runner_child.INPUT_PASSWORD,))
-    payload = (0xFFFFFFFE).to_bytes(4, "big") + flags + "Secret é: ".encode()
-    request = protocol.InputRequest.decode(payload)
-    assert request == protocol.InputRequest(0xFFFFFFFE, "Secret é: ", True)
-    plain = protocol.InputRequest.decode((1).to_bytes(4, "big") + b"\x00")
-    assert plain == protocol.InputRequest(1, "", False)
+    assert kind == protocol.T_INPUT_REQUEST
+    assert protocol.InputRequest.decode(payload) == protocol.InputRequest(
+        0xFFFFFFFE, "Secret é: ", True
+    )
+    plain = wire.encode_input_request(1, b"", password=False)
+    assert protocol.InputRequest.decode(plain[5:]) == protocol.InputRequest(1, "", False)
 
 
 # --- FrameParser ---------------------------------------------------------------------------
@@ -209,11 +233,12 @@ def finish_frame(return_code: int, reason: int, note: str, count: int) -> bytes:
 @pytest.mark.parametrize(
     ("return_code", "reason", "note", "name"),
     [
-        (0, runner_child.REASON_OK, "", "ok"),
-        (1, runner_child.REASON_EXCEPTION, "", "exception"),
-        (1, runner_child.REASON_EXIT, "SystemExit: bye é", "exit"),
-        (1, runner_child.REASON_INTERRUPTED, "", "interrupted"),
-        (-7, runner_child.REASON_OK, "", "ok"),
+        (0, wire.REASON_OK, "", "ok"),
+        (1, wire.REASON_EXCEPTION, "", "exception"),
+        (1, wire.REASON_EXIT, "SystemExit: bye é", "exit"),
+        (1, wire.REASON_INTERRUPTED, "", "interrupted"),
+        (1, wire.REASON_MEMORY, "", "memory"),
+        (-7, wire.REASON_OK, "", "ok"),
     ],
 )
 def test_done_decodes_runner_finish(return_code: int, reason: int, note: str, name: str) -> None:
@@ -391,6 +416,18 @@ async def test_child_user_code_cannot_touch_the_protocol() -> None:
         assert out == b"b''\n"
         out, _, done = await child.run("print('still in sync')")
         assert out == b"still in sync\n" and done.execution_count == 3
+
+
+async def test_child_run_as_a_script_keeps_sys_modules_clean() -> None:
+    """Started by path (no BOOTSTRAP), the runner still leaves no module of ours behind."""
+    async with raw_child() as child, asyncio.timeout(10):
+        code = (
+            "import sys\n"
+            "ours = ('runner_child', 'replchild', 'replserver', 'aiohttp')\n"
+            "print(sorted(n for n in sys.modules if n.partition('.')[0] in ours))"
+        )
+        out, err, done = await child.run(code)
+        assert (out, err, done.reason) == (b"[]\n", b"", "ok")
 
 
 async def test_child_exits_when_stdin_closes() -> None:

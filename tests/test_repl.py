@@ -82,6 +82,26 @@ async def answer(client: Client, sid: str, value: object, status: int = 200) -> 
     return body
 
 
+# --- what user code sees of the runner ------------------------------------------------------
+
+
+async def test_user_code_sees_none_of_our_modules(client: Client) -> None:
+    """The runner, the child package and the server's stack are not in sys.modules, and
+    the runner's directory is not on sys.path, while the REPL hooks still work."""
+    code = (
+        "import sys\n"
+        "ours = ('runner_child', 'replchild', 'replserver', 'aiohttp', 'multidict', 'yarl')\n"
+        "print(sorted(n for n in sys.modules if n.partition('.')[0] in ours))\n"
+        "print([p for p in sys.path if 'runner' in p])\n"
+        "sys.modules['__main__'].__name__"
+    )
+    body = await execute(client, "modules", code)
+    assert body["output"] == "[]\n[]\n", body
+    assert body["result"] == "'__main__'"  # the display hook is alive without its module
+    body = await execute(client, "modules", "display(6 * 7)\n_")
+    assert body["displays"] == [{"text/plain": "42"}] and body["result"] == "'__main__'"
+
+
 # --- results of final expressions ----------------------------------------------------------
 
 
@@ -143,7 +163,8 @@ async def test_exception_in_final_expression(client: Client) -> None:
     assert body["returnCode"] == 1 and body["reason"] == "exception"
     assert body["result"] is None
     assert 'File "<cell-1>", line 3, in <module>' in body["error"]
-    assert "ZeroDivisionError" in body["error"] and "runner_child" not in body["error"]
+    assert "ZeroDivisionError" in body["error"]
+    assert "runner_child" not in body["error"] and "replchild" not in body["error"]
     assert (await execute(client, sid, "before"))["result"] == "1"
 
 
@@ -153,7 +174,8 @@ async def test_failing_repr_is_reported_as_an_error(client: Client) -> None:
     assert body["returnCode"] == 1 and body["result"] is None
     assert "ValueError: no repr" in body["error"]
     assert 'File "<cell-1>", line 3, in __repr__' in body["error"]
-    assert "runner_child" not in body["error"]
+    # The display hook that called repr() lives in replchild/repl.py: its frames are cut too.
+    assert "runner_child" not in body["error"] and "replchild" not in body["error"]
 
 
 @pytest.mark.parametrize("last", ["1 +", "await f()", "yield 1"])

@@ -1,11 +1,10 @@
-"""The REPL extras of runner_child.py: results, rich displays, input() and matplotlib.
+"""What user code sees of a REPL: results, rich displays, input() and matplotlib figures.
 
-runner_child.py loads this file by path, from its cached bytecode: a script's own code is
-compiled at every start (Python never caches it), a module's is not, and every session
-pays for what its runner compiles. Apart from install_hooks, nothing here runs before the
+runner_child.py makes one Repl for the session and hands it what it needs: the session's
+module, a way to send a frame in order with the output, a way to wait for an input answer,
+the traceback printer and fd 2. Apart from install_hooks, nothing here runs before the
 first execution. Stdlib only; modules beyond the runner's own (json, binascii) load on
-first use. The class is a mixin: the protocol (frames, the input wait) stays in
-runner_child.py.
+first use.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from __future__ import annotations
 import builtins
 import io
 import sys
+
+from replchild.wire import T_DISPLAY, T_RESULT
 
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
 if TYPE_CHECKING:
@@ -32,20 +33,29 @@ REPR_METHODS = (
 
 
 class Repl:
-    """What user code sees of a REPL; mixed into runner_child.Runner."""
+    """The REPL front ends of one session, built on the runner's frame channel."""
 
-    if TYPE_CHECKING:  # provided by Runner
-        max_frame: int
-        max_result: int
-        forked: bool
-        module: ModuleType
-        pyplot_show: Callable[..., None] | None
-
-        def send_result(self, text: str) -> None: ...
-        def send_display_json(self, payload: bytes) -> None: ...
-        def read_input(self, prompt: object, *, password: bool) -> str: ...
-        def report(self, exc: BaseException) -> None: ...
-        def _write_fd2(self, data: bytes) -> None: ...
+    def __init__(
+        self,
+        module: ModuleType,
+        *,
+        send: Callable[[int, bytes], bool],
+        ask: Callable[[bytes, bool], str],
+        report: Callable[[BaseException], None],
+        write_stderr: Callable[[bytes], None],
+        max_frame: int,
+        max_result: int,
+    ) -> None:
+        self.module = module  # the session's __main__, whose `_` follows the results
+        # send(kind, payload): a frame after all output written before it; False in a
+        # process with no protocol (a copy made by os.fork()).
+        self.send = send
+        self.ask = ask  # ask(prompt, password): the client's answer; raises EOFError
+        self.report = report  # prints a traceback without the runner's frames
+        self.write_stderr = write_stderr
+        self.max_frame = max_frame
+        self.max_result = max_result  # characters of a repr or prompt before it is cut
+        self.pyplot_show: Callable[..., None] | None = None  # our pyplot.show, once patched
 
     def install_hooks(self) -> None:
         """What a REPL offers: results, display(), input(), getpass and matplotlib figures."""
@@ -69,9 +79,9 @@ class Repl:
         builtins._ = None  # type: ignore[attr-defined]  # as the REPL: not kept if repr fails
         bundle = self.mime_bundle(value)
         if bundle is None:
-            self.send_result(self.cut(repr(value)))
+            self.send(T_RESULT, self._utf8(self.cut(repr(value))))
         elif len(bundle) == 1:  # text only, from _repr_mimebundle_
-            self.send_result(str(bundle["text/plain"]))
+            self.send(T_RESULT, self._utf8(str(bundle["text/plain"])))
         else:
             self.send_display(bundle)
         builtins._ = value  # type: ignore[attr-defined]
@@ -92,9 +102,6 @@ class Repl:
             self.send_display(bundle)
 
     def send_display(self, bundle: dict[str, object]) -> None:
-        if self.forked:  # no protocol here: the copy shows what it can as text
-            print(bundle.get("text/plain", ""))
-            return
         import json
 
         try:
@@ -108,7 +115,8 @@ class Repl:
                 " limit (REPL_MAX_FRAME_BYTES); shown as text only"
             )
             payload = json.dumps({"text/plain": bundle.get("text/plain", "")}).encode()
-        self.send_display_json(payload)
+        if not self.send(T_DISPLAY, payload):
+            print(bundle.get("text/plain", ""))  # a forked copy shows what it can, as text
 
     def mime_bundle(self, value: object) -> dict[str, object] | None:
         """The representations of `value` by mime type (text/plain always among them), or
@@ -175,7 +183,7 @@ class Repl:
         return data if len(data) <= room else data[:room]
 
     def _warn(self, message: str) -> None:
-        self._write_fd2(f"[replserver] {message}\n".encode("utf-8", "backslashreplace"))
+        self.write_stderr(f"[replserver] {message}\n".encode("utf-8", "backslashreplace"))
 
     # --- matplotlib -----------------------------------------------------------------------
     def _patch_pyplot(self, pyplot: ModuleType) -> None:
@@ -207,7 +215,7 @@ class Repl:
     # --- input ----------------------------------------------------------------------------
     def input(self, prompt: object = "") -> str:
         """builtins.input: asks the stream's client; the prompt and answer are echoed."""
-        value = self.read_input(prompt, password=False)
+        value = self.ask(self._utf8(self.cut(str(prompt))), False)
         try:
             sys.stdout.write(f"{prompt}{value}\n")
             sys.stdout.flush()
@@ -217,7 +225,7 @@ class Repl:
 
     def getpass(self, prompt: str = "Password: ", stream: object = None) -> str:
         """getpass.getpass: asks the stream's client; nothing is echoed."""
-        return self.read_input(prompt, password=True)
+        return self.ask(self._utf8(self.cut(str(prompt))), True)
 
     def _patch_getpass(self, module: ModuleType) -> None:
         module.__dict__["getpass"] = self.getpass
