@@ -430,6 +430,14 @@ async def test_child_run_as_a_script_keeps_sys_modules_clean() -> None:
         assert (out, err, done.reason) == (b"[]\n", b"", "ok")
 
 
+async def test_child_is_not_dumpable() -> None:
+    """The runner turned itself non-dumpable (prctl through ctypes) before any user code."""
+    async with raw_child() as child, asyncio.timeout(10):
+        code = "import ctypes\nctypes.CDLL(None).prctl(3, 0, 0, 0, 0)"  # PR_GET_DUMPABLE
+        _, err, done = await child.run(code)
+        assert (child.results, err, done.reason) == ([b"0"], b"", "ok")
+
+
 async def test_child_exits_when_stdin_closes() -> None:
     async with raw_child() as child:
         _, _, done = await child.run("x = 1")
