@@ -66,7 +66,10 @@ BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 
-NO_INPUT_MESSAGE = "input() is not available in /execute: use /execute-stream to answer it"
+NO_INPUT_MESSAGE = (
+    "input() is not available in /execute or a protocol 1 stream:"
+    ' use /execute-stream with "protocol": 2 to answer it'
+)
 
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
