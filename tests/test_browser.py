@@ -180,6 +180,8 @@ async def test_page_token_reset_and_html(page: Page, errors: list[str]) -> None:
     async with page.expect_request(re.compile(r"/execute-stream/")) as sent:
         cell = await run(page, "x = 5\nx")
     assert (await sent.value).headers.get("authorization") == "Bearer s3cret"
+    sent_body = (await sent.value).post_data_json
+    assert sent_body is not None and sent_body["protocol"] == 2  # the rich events it renders
     await finished(page, cell)
 
     # Reset: a fresh interpreter for the same session.
