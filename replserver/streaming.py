@@ -29,7 +29,7 @@ from .session import Run
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.25
-EVENT_TYPE = {T_STDOUT: "output"}  # anything else is stderr: "error"
+EVENT_TYPE = {T_STDOUT: "output", T_STDERR: "error"}
 _TEXT = (T_STDOUT, T_STDERR)
 
 # The stream protocols a client can ask for (the request's "protocol" field). 1, the
@@ -169,7 +169,7 @@ class EventRenderer:
         self._run = run
         self._limit = output_limit
         self._rich = protocol == PROTOCOL_RICH
-        self._decoders = {T_STDOUT: _decoder(), -1: _decoder()}
+        self._decoders = {T_STDOUT: _decoder(), T_STDERR: _decoder()}
 
     def opening(self) -> list[tuple[str, str]]:
         """The events a fresh stream starts with: a restart notice, the execution's id."""
@@ -193,10 +193,9 @@ class EventRenderer:
             if kind == T_END:
                 events.extend((event, str(seq)) for event in self._ending())
             elif kind in _TEXT:
-                key = T_STDOUT if kind == T_STDOUT else -1
-                text = self._decoders[key].decode(data)
+                text = self._decoders[kind].decode(data)
                 if text:
-                    event = {"type": EVENT_TYPE.get(kind, "error"), "content": text}
+                    event = {"type": EVENT_TYPE[kind], "content": text}
                     events.append((dumps(event), str(seq)))
             elif self._rich:
                 rich = gap_event(data) if kind == T_GAP else rich_event(kind, data)
@@ -209,10 +208,10 @@ class EventRenderer:
     def _ending(self) -> list[str]:
         dumps = json.dumps
         events = []
-        for key, decoder in self._decoders.items():
+        for kind, decoder in self._decoders.items():
             tail = decoder.decode(b"", final=True)
             if tail:
-                events.append(dumps({"type": EVENT_TYPE.get(key, "error"), "content": tail}))
+                events.append(dumps({"type": EVENT_TYPE[kind], "content": tail}))
         message = server_text(self._run.execution, self._limit)
         if message:
             events.append(dumps({"type": "error", "content": message}))
@@ -221,6 +220,7 @@ class EventRenderer:
 
 
 def gap_event(data: bytes) -> dict[str, Any]:
+    """The event of a gap marker: how many events the reader missed."""
     return {"type": "gap", "missedEvents": int(data)}
 
 
