@@ -252,7 +252,8 @@ async def our_stream(client: Client, sid: str, code: str) -> Stream:
     return Stream.parse(await resp.read(), resp.content_type)
 
 
-@pytest.mark.timeout(120)
+# The first case also waits for run.sh to install the old backend, where it has to.
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 60)
 @pytest.mark.parametrize("name", list(CASES))
 async def test_default_stream_matches_the_old_backend(
     old_backend: str, client: Client, name: str
