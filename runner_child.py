@@ -67,7 +67,10 @@ BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 
-NO_INPUT_MESSAGE = "input() is not available in /execute: use /execute-stream to answer it"
+NO_INPUT_MESSAGE = (
+    "input() is not available in /execute or a protocol 1 stream:"
+    ' use /execute-stream with "protocol": 2 to answer it'
+)
 
 # Frames of these files are left out of the tracebacks user code sees.
 RUNNER_FILES = frozenset((__file__, repl.__file__, wire.__file__))

@@ -259,7 +259,8 @@ class Execution:
 
     # --- reader side ------------------------------------------------------------------------
     async def follow(self, after: int = 0) -> AsyncGenerator[list[Entry], None]:
-        """Entries with a sequence number above `after`, as they come, until the end entry.
+        """Entries with a sequence number above `after`, as they come, until the end entry
+        (none at all when `after` is already at or past it).
 
         Attaching detaches any earlier reader (its iteration ends). If entries after
         `after` were already dropped, the first batch starts with a T_GAP entry whose
@@ -290,6 +291,8 @@ class Execution:
                     if batch[-1][1] == T_END:
                         return
                     continue
+                if self.outcome is not None:
+                    return  # over, and its end entry is at or before `after`: nothing comes
                 waiter = self._waiter = asyncio.get_running_loop().create_future()
                 try:
                     await waiter

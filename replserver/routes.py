@@ -116,6 +116,7 @@ class ExecuteRequest:
     code: str
     timeout_s: float | None
     stop_on_disconnect: bool
+    protocol: int  # the stream protocol asked for (1, the default, or 2)
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
@@ -131,7 +132,8 @@ async def read_object(request: web.Request) -> dict[str, Any]:
 
 
 async def read_request(request: web.Request) -> ExecuteRequest:
-    """The `code`, `timeout` and `stopOnDisconnect` fields of a JSON object body, checked."""
+    """The `code`, `timeout`, `stopOnDisconnect` and `protocol` fields of a JSON object
+    body, checked."""
     data = await read_object(request)
     code = data.get("code")
     if code is None:
@@ -151,7 +153,11 @@ async def read_request(request: web.Request) -> ExecuteRequest:
     stop = data.get("stopOnDisconnect", False)
     if not isinstance(stop, bool):
         raise BadRequest("field 'stopOnDisconnect' must be true or false")
-    return ExecuteRequest(code, timeout, stop)
+    protocol = data.get("protocol", streaming.PROTOCOL_OLD)
+    # Only the integers themselves: not true (an int to Python), 2.0 or "2".
+    if type(protocol) is not int or protocol not in streaming.PROTOCOLS:
+        raise BadRequest("field 'protocol' must be 1 (the default) or 2")
+    return ExecuteRequest(code, timeout, stop, protocol)
 
 
 def note_access(request: web.Request, run: Run) -> None:
@@ -181,17 +187,23 @@ async def execute_stream(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
-    run = await session.start(body.code, timeout_s=body.timeout_s, interactive=True)
+    # input() can only be answered by a client that sees input_request events: under
+    # protocol 1 it raises EOFError at once, as in /execute.
+    rich = body.protocol == streaming.PROTOCOL_RICH
+    run = await session.start(body.code, timeout_s=body.timeout_s, interactive=rich)
     note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
     stop = session.interrupt if body.stop_on_disconnect else None
-    resp = await streaming.stream(request, run, output_limit=limit, on_disconnect=stop)
+    resp = await streaming.stream(
+        request, run, output_limit=limit, protocol=body.protocol, on_disconnect=stop
+    )
     note_outcome(request, run)
     return resp
 
 
 async def execution_events(request: web.Request) -> web.StreamResponse:
-    """Reattach to an execution's events after a dropped connection (Last-Event-ID)."""
+    """Reattach to an execution's events after a dropped connection (Last-Event-ID),
+    always in protocol 2: its clients need the ids."""
     execution_id = request.match_info["execution_id"]
     run = request.app[MANAGER].find_run(execution_id)
     if run is None:
@@ -205,7 +217,9 @@ async def execution_events(request: web.Request) -> web.StreamResponse:
         raise BadRequest("Last-Event-ID must not be negative")
     note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
-    resp = await streaming.stream(request, run, output_limit=limit, after=after)
+    resp = await streaming.stream(
+        request, run, output_limit=limit, protocol=streaming.PROTOCOL_RICH, after=after
+    )
     note_outcome(request, run)
     return resp
 

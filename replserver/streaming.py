@@ -29,8 +29,15 @@ from .session import Run
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.25
-EVENT_TYPE = {T_STDOUT: "output"}  # anything else is stderr: "error"
+EVENT_TYPE = {T_STDOUT: "output", T_STDERR: "error"}
 _TEXT = (T_STDOUT, T_STDERR)
+
+# The stream protocols a client can ask for (the request's "protocol" field). 1, the
+# default, is the old backend's stream byte for byte in its framing: `data:` lines only and
+# the types output, error and complete. 2 adds SSE ids and the richer event types.
+PROTOCOL_OLD = 1
+PROTOCOL_RICH = 2
+PROTOCOLS = (PROTOCOL_OLD, PROTOCOL_RICH)
 
 
 def _decoder() -> codecs.IncrementalDecoder:
@@ -151,51 +158,60 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
 
 
 class EventRenderer:
-    """Log entries to SSE events (JSON text, id) for one client connection."""
+    """Log entries to SSE events (JSON text, id) for one client connection.
 
-    def __init__(self, run: Run, output_limit: int) -> None:
+    For protocol 1 what its clients cannot use is adapted instead of sent: a restart
+    notice becomes an `error` event, a display its `text/plain` as `output`; results, gaps
+    and the `start` event are left out.
+    """
+
+    def __init__(self, run: Run, output_limit: int, *, protocol: int = PROTOCOL_RICH) -> None:
         self._run = run
         self._limit = output_limit
-        self._decoders = {T_STDOUT: _decoder(), -1: _decoder()}
+        self._rich = protocol == PROTOCOL_RICH
+        self._decoders = {T_STDOUT: _decoder(), T_STDERR: _decoder()}
 
     def opening(self) -> list[tuple[str, str]]:
         """The events a fresh stream starts with: a restart notice, the execution's id."""
         run, dumps = self._run, json.dumps
         events = []
-        if run.restart_reason is not None:
-            events.append((dumps({"type": "restart", "reason": run.restart_reason}), "0"))
-        start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
-        events.append((dumps(start), "0"))
+        reason = run.restart_reason
+        if reason is not None and self._rich:
+            events.append((dumps({"type": "restart", "reason": reason}), "0"))
+        elif reason is not None:
+            notice = f"[the session was restarted ({reason}): earlier state is lost]\n"
+            events.append((dumps({"type": "error", "content": notice}), "0"))
+        if self._rich:
+            start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
+            events.append((dumps(start), "0"))
         return events
 
     def render(self, batch: list[Entry]) -> list[tuple[str, str]]:
         dumps = json.dumps
         events: list[tuple[str, str]] = []
         for seq, kind, data in merge(batch) if len(batch) > 1 else batch:
-            if kind == T_GAP:
-                missed = {"type": "gap", "missedEvents": int(data)}
-                events.append((dumps(missed), str(seq)))
-            elif kind == T_END:
+            if kind == T_END:
                 events.extend((event, str(seq)) for event in self._ending())
-            elif kind not in _TEXT:
-                rich = rich_event(kind, data)
+            elif kind in _TEXT:
+                text = self._decoders[kind].decode(data)
+                if text:
+                    event = {"type": EVENT_TYPE[kind], "content": text}
+                    events.append((dumps(event), str(seq)))
+            elif self._rich:
+                rich = gap_event(data) if kind == T_GAP else rich_event(kind, data)
                 if rich is not None:
                     events.append((dumps(rich), str(seq)))
-            else:
-                key = T_STDOUT if kind == T_STDOUT else -1
-                text = self._decoders[key].decode(data)
-                if text:
-                    event = {"type": EVENT_TYPE.get(kind, "error"), "content": text}
-                    events.append((dumps(event), str(seq)))
+            elif kind == T_DISPLAY and (text := display_text(data)):
+                events.append((dumps({"type": "output", "content": text}), str(seq)))
         return events
 
     def _ending(self) -> list[str]:
         dumps = json.dumps
         events = []
-        for key, decoder in self._decoders.items():
+        for kind, decoder in self._decoders.items():
             tail = decoder.decode(b"", final=True)
             if tail:
-                events.append(dumps({"type": EVENT_TYPE.get(key, "error"), "content": tail}))
+                events.append(dumps({"type": EVENT_TYPE[kind], "content": tail}))
         message = server_text(self._run.execution, self._limit)
         if message:
             events.append(dumps({"type": "error", "content": message}))
@@ -203,13 +219,32 @@ class EventRenderer:
         return events
 
 
-def frame(events: list[tuple[str, str]]) -> bytes:
+def gap_event(data: bytes) -> dict[str, Any]:
+    """The event of a gap marker: how many events the reader missed."""
+    return {"type": "gap", "missedEvents": int(data)}
+
+
+def display_text(payload: bytes) -> str:
+    """A display as a protocol-1 client sees it: its `text/plain`, as a line of output."""
+    bundle = display_data(payload)
+    text = bundle.get("text/plain") if bundle is not None else None
+    if not isinstance(text, str) or not text:
+        return ""
+    return text if text.endswith("\n") else text + "\n"
+
+
+def frame(events: list[tuple[str, str]], *, protocol: int = PROTOCOL_RICH) -> bytes:
     """SSE bytes for a batch of events, written at once.
 
-    `data:` comes first and `id:` after it: both orders are valid SSE, and this one keeps
-    working for the older frontends that read each event's first line as its data. The
-    JSON is one line (json.dumps escapes newlines), so one `data:` field carries it.
+    Protocol 1 is `data: <json>` and a blank line per event, nothing else: the framing
+    of the old backend, whose clients split the body on blank lines and parse what
+    follows `data: `. Protocol 2 adds an `id:` line after `data:` (both orders are valid
+    SSE; this one keeps working for clients that read each event's first line as its
+    data). The JSON is one line (json.dumps escapes newlines), so one `data:` field
+    carries it.
     """
+    if protocol == PROTOCOL_OLD:
+        return "".join(f"data: {data}\n\n" for data, _ in events).encode()
     return "".join(f"data: {data}\nid: {event_id}\n\n" for data, event_id in events).encode()
 
 
@@ -218,27 +253,39 @@ async def stream(
     run: Run,
     *,
     output_limit: int,
+    protocol: int = PROTOCOL_RICH,
     after: int = 0,
     on_disconnect: Callable[[], object] | None = None,
 ) -> web.StreamResponse:
-    """Forward the execution as Server-Sent Events while it runs.
+    """Forward the execution as Server-Sent Events while it runs; the stream closes right
+    after `complete`.
 
     `after` > 0 reattaches: only events after that SSE id are sent (a `gap` event first if
-    some were dropped). If the client goes away, the execution runs on (its events kept for
-    a reattach) unless `on_disconnect` stops it.
+    some were dropped). A client that has already seen the end of a finished execution gets
+    204 No Content, which tells an EventSource to stop reconnecting. If the client goes
+    away, the execution runs on (its events kept for a reattach) unless `on_disconnect`
+    stops it.
     """
     execution = run.execution
-    renderer = EventRenderer(run, output_limit)
+    renderer = EventRenderer(run, output_limit, protocol=protocol)
     headers = {**SSE_HEADERS, "X-Execution-Id": execution.id}
     resp = EventSourceResponse(sep="\n", headers=headers, allow_all_methods=True)
     watchdog = asyncio.create_task(_watch_connection(request, execution))
     try:
         async with aclosing(execution.follow(after)) as entries:
+            first: list[Entry] | None = None
+            if execution.outcome is not None:
+                # Over already: the first batch is there at once, or there is nothing left.
+                first = await anext(entries, None)
+                if first is None:
+                    return web.Response(status=204, headers={"X-Execution-Id": execution.id})
             await resp.prepare(request)
             if after == 0:
-                await resp.write(frame(renderer.opening()))
+                await resp.write(frame(renderer.opening(), protocol=protocol))
+            if first is not None:
+                await resp.write(frame(renderer.render(first), protocol=protocol))
             async for batch in entries:
-                await resp.write(frame(renderer.render(batch)))
+                await resp.write(frame(renderer.render(batch), protocol=protocol))
     except (ConnectionError, TimeoutError):
         pass  # the client went away or stalled past the send timeout
     finally:

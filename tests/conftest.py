@@ -58,8 +58,15 @@ async def execute(client: Client, sid: str, code: str, status: int = 200) -> dic
     return body
 
 
-async def stream(client: Client, sid: str, code: str) -> list[dict[str, Any]]:
-    resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+async def stream(
+    client: Client, sid: str, code: str, *, protocol: int | None = 2
+) -> list[dict[str, Any]]:
+    """The events of one /execute-stream; protocol 2 (start, result, display...) unless
+    told otherwise (None: no `protocol` field, the old backend's stream)."""
+    body: dict[str, Any] = {"code": code}
+    if protocol is not None:
+        body["protocol"] = protocol
+    resp = await client.post(f"/execute-stream/{sid}", json=body)
     assert resp.status == 200, await resp.text()
     assert resp.content_type == "text/event-stream"
     return parse_sse(await resp.text())

@@ -8,6 +8,7 @@ installs Chromium, the dev extras Playwright; Playwright's own browsers are neve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from . import conftest
 from .test_repl import PNG_CLASS
 
 if TYPE_CHECKING:
-    from playwright.async_api import Page
+    from playwright.async_api import Page, Response
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -180,6 +181,8 @@ async def test_page_token_reset_and_html(page: Page, errors: list[str]) -> None:
     async with page.expect_request(re.compile(r"/execute-stream/")) as sent:
         cell = await run(page, "x = 5\nx")
     assert (await sent.value).headers.get("authorization") == "Bearer s3cret"
+    sent_body = (await sent.value).post_data_json
+    assert sent_body is not None and sent_body["protocol"] == 2  # the rich events it renders
     await finished(page, cell)
 
     # Reset: a fresh interpreter for the same session.
@@ -206,3 +209,45 @@ async def test_page_token_reset_and_html(page: Page, errors: list[str]) -> None:
     await expect(page.locator("#token")).to_have_value("s3cret")
     await expect(page.locator("#session-id")).not_to_have_text(session)
     assert errors == []
+
+
+EVENT_SOURCE_SCRIPT = """async (code) => {
+  const body = JSON.stringify({ code, protocol: 2 });
+  const headers = { "Content-Type": "application/json" };
+  const started = await fetch("/execute-stream/es", { method: "POST", headers, body });
+  const id = started.headers.get("X-Execution-Id");
+  await started.text();  // the execution is over; now read it again as an EventSource would
+  return await new Promise((resolve) => {
+    const source = new EventSource(`/executions/${id}/events`);
+    const seen = [];
+    let opens = 0;
+    source.onopen = () => { opens += 1; };
+    source.onmessage = (event) => seen.push([event.lastEventId, JSON.parse(event.data).type]);
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) resolve({ seen, opens });
+    };
+  });
+}"""
+
+
+async def test_event_source_reads_an_execution_and_stops_after_its_end(page: Page) -> None:
+    statuses: list[tuple[int, str | None]] = []
+
+    async def note(response: Response) -> None:
+        if "/executions/" in response.url:
+            last = await response.request.header_value("last-event-id")
+            statuses.append((response.status, last))
+
+    page.on("response", note)
+    code = "print('one')\nprint('two')\n6 * 7"
+    outcome = await page.evaluate(EVENT_SOURCE_SCRIPT, code)
+    seen = outcome["seen"]
+    kinds = [kind for _, kind in seen]
+    assert kinds[0] == "start" and kinds[-1] == "complete" and "result" in kinds, seen
+    assert outcome["opens"] == 1  # the reconnect after the end did not open a stream
+    final_id = seen[-1][0]
+    # It reconnected once, with the id of `complete`, and the 204 made it stop for good.
+    async with asyncio.timeout(10):  # the response handlers run on after the promise
+        while len(statuses) < 2:
+            await asyncio.sleep(0.05)
+    assert statuses == [(200, None), (204, final_id)], statuses

@@ -33,6 +33,7 @@ from .dockerfile import ROOT
 NGINX_CONF = ROOT / "deploy" / "nginx" / "replserver.conf"
 REPLICA_IDS = ("r1", "r2", "r3")
 MiB = 1024 * 1024
+SESSION_KEY = re.compile(r"session=(\S*)")
 
 
 def find_nginx() -> str | None:
@@ -354,3 +355,59 @@ async def test_body_limit_of_nginx_and_server_agree(cluster: Cluster) -> None:
             ) as resp:
                 assert resp.status == 200, await resp.text()
                 assert (await resp.json())["returnCode"] == 0
+
+
+async def read_with_ids(
+    resp: aiohttp.ClientResponse, until: str
+) -> tuple[list[dict[str, Any]], int]:
+    """Protocol-2 events (each a `data:` line, an `id:` line, a blank line) until an output
+    that ends with `until`; the events and the last id."""
+    events: list[dict[str, Any]] = []
+    while True:
+        data, id_line = await resp.content.readline(), await resp.content.readline()
+        assert data.startswith(b"data: ") and id_line.startswith(b"id: "), (data, id_line)
+        assert await resp.content.readline() == b"\n"
+        events.append(json.loads(data.removeprefix(b"data: ")))
+        if output_of(events).endswith(until):
+            return events, int(id_line.removeprefix(b"id: "))
+
+
+async def reattach_once(http: aiohttp.ClientSession, base: str, sid: str) -> str:
+    """Start a stream, drop it, reattach by the execution id alone (no X-Session-Id header,
+    as an EventSource does); the replica that ran it, which must answer every step."""
+    code = "import time\nprint('up', flush=True)\ntime.sleep(0.8)\nprint('down')"
+    body = {"code": code, "protocol": 2}
+    async with http.post(f"{base}/execute-stream/{sid}", json=body) as resp:
+        assert resp.status == 200
+        home, execution_id = resp.headers["X-Replica"], resp.headers["X-Execution-Id"]
+        seen, last_id = await read_with_ids(resp, "up\n")
+    events_url = f"{base}/executions/{execution_id}/events"
+    async with http.get(events_url, headers={"Last-Event-ID": str(last_id)}) as again:
+        assert again.status == 200, (sid, again.status, await again.text())
+        assert again.headers["X-Replica"] == home
+        raw = (await again.read()).decode()  # ends by itself after `complete`
+    rest = parse_sse(raw)
+    assert output_of(seen) + output_of(rest) == "up\ndown\n", (seen, rest)
+    assert rest[-1]["type"] == "complete" and rest[-1]["returnCode"] == 0
+    final_id = raw.removesuffix("\n\n").rsplit("\nid: ", 1)[1]
+    # The EventSource reconnects after the end: the same replica tells it to stop.
+    async with http.get(events_url, headers={"Last-Event-ID": final_id}) as done:
+        assert done.status == 204 and done.headers["X-Replica"] == home
+    return home
+
+
+@pytest.mark.timeout(60)
+async def test_reattach_through_nginx_reaches_the_replica_that_runs_it(cluster: Cluster) -> None:
+    sids = [f"reattach{i}-{secrets.token_hex(4)}" for i in range(9)]
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        homes = await asyncio.gather(*(reattach_once(http, cluster.base, sid) for sid in sids))
+    # Sessions on different replicas: a reattach balanced by anything but the session id
+    # would have reached a replica that does not know the execution (404).
+    assert len(set(homes)) >= 2, homes
+    # nginx's own log: every reattach was keyed by its session id (two per session).
+    lines = (cluster.work / "access.log").read_text().splitlines()
+    keys = Counter(
+        key for line in lines if '"GET /executions/' in line for key in SESSION_KEY.findall(line)
+    )
+    assert keys == dict.fromkeys(sids, 2), keys

@@ -132,7 +132,8 @@ async def test_segfault_is_reported_and_streams_say_restart(guarded: Client) -> 
     await execute(guarded, "segv", "marker = 'kept'")
     reply = await run(guarded, "segv", "import ctypes\nctypes.string_at(0)")
     assert "SIGSEGV" in reply["error"] and reply["reason"] == "crashed"
-    resp = await guarded.post("/execute-stream/segv", json={"code": "print('again')"})
+    body = {"code": "print('again')", "protocol": 2}
+    resp = await guarded.post("/execute-stream/segv", json=body)
     events = parse_sse(await resp.text())
     assert events[0]["type"] == "restart" and "SIGSEGV" in events[0]["reason"]
     assert events[-1]["type"] == "complete" and events[-1]["restarted"] is True

@@ -410,7 +410,7 @@ async def test_input_answered_through_the_stream(client: Client) -> None:
     sid = "ask"
     code = "print('before')\nname = input('Name: ')\nprint('hello', name)\nname"
     async with asyncio.timeout(15):
-        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code, "protocol": 2})
         first = coalesced(await events_until(resp, "input_request"))
         assert first[0] == {"type": "output", "content": "before\n"}
         assert first[-1] == {"type": "input_request", "prompt": "Name: ", "password": False}
@@ -425,7 +425,7 @@ async def test_getpass_asks_without_echo(client: Client) -> None:
     sid = "secret"
     code = "from getpass import getpass\npw = getpass('Secret: ')\nprint(len(pw))"
     async with asyncio.timeout(15):
-        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code, "protocol": 2})
         first = await events_until(resp, "input_request")
         assert first[-1] == {"type": "input_request", "prompt": "Secret: ", "password": True}
         await answer(client, sid, "hunter2")
@@ -435,7 +435,7 @@ async def test_getpass_asks_without_echo(client: Client) -> None:
     # Imported in an earlier cell, the module's function is the answered one too.
     async with asyncio.timeout(15):
         code = "import getpass\ngetpass.getpass()"
-        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code, "protocol": 2})
         events = await events_until(resp, "input_request")
         assert events[-1]["prompt"] == "Password: " and events[-1]["password"] is True
         await answer(client, sid, "x")
@@ -474,7 +474,9 @@ async def test_interrupt_while_waiting_for_input(client: Client) -> None:
     sid = "stop-input"
     await execute(client, sid, "marker = 'kept'")
     async with asyncio.timeout(15):
-        resp = await client.post(f"/execute-stream/{sid}", json={"code": "input('? ')"})
+        resp = await client.post(
+            f"/execute-stream/{sid}", json={"code": "input('? ')", "protocol": 2}
+        )
         await events_until(resp, "input_request")
         stop = await client.post(f"/interrupt/{sid}")
         assert (await stop.json())["interrupted"] is True
@@ -488,7 +490,9 @@ async def test_interrupt_while_waiting_for_input(client: Client) -> None:
 
 async def test_input_wait_is_bounded_by_the_timeout(client: Client) -> None:
     started = time.monotonic()
-    resp = await client.post("/execute-stream/slow", json={"code": "input()", "timeout": 1})
+    resp = await client.post(
+        "/execute-stream/slow", json={"code": "input()", "timeout": 1, "protocol": 2}
+    )
     async with asyncio.timeout(10):
         events = await events_until(resp, "complete")
     assert events[-1]["reason"] == "timeout" and time.monotonic() - started < 5
@@ -501,7 +505,9 @@ async def test_input_after_the_client_left_gets_eof(client: Client) -> None:
         "import time\nprint('first', flush=True)\ntime.sleep(0.5)\nprint('late', flush=True)\n"
         "try:\n    input('anyone? ')\nexcept EOFError as exc:\n    outcome = str(exc)"
     )
-    resp = await client.post(f"/execute-stream/{sid}", json={"code": code, "timeout": 30})
+    resp = await client.post(
+        f"/execute-stream/{sid}", json={"code": code, "timeout": 30, "protocol": 2}
+    )
     await events_until(resp, "output")
     resp.close()  # the client goes away; nobody could answer the prompt
     started = time.monotonic()

@@ -76,9 +76,8 @@ async def test_execute_reply_with_error(client: Client) -> None:
 
 
 async def test_stream_headers_and_raw_framing(client: Client) -> None:
-    resp = await client.post(
-        "/execute-stream/raw", json={"code": "import sys\nprint('one')\nsys.stderr.write('two\\n')"}
-    )
+    code = "import sys\nprint('one')\nsys.stderr.write('two\\n')"
+    resp = await client.post("/execute-stream/raw", json={"code": code, "protocol": 2})
     assert resp.status == 200
     assert resp.content_type == "text/event-stream"
     assert resp.headers["Cache-Control"] == "no-cache"

@@ -100,7 +100,9 @@ async def test_idle_sessions_are_culled(make_client: MakeClient) -> None:
     manager = client.app[MANAGER]
     await wait_for(lambda: manager.find("sleepy") is None, within_s=5)
     assert manager.culled >= 1
-    resp = await client.post("/execute-stream/sleepy", json={"code": "print(globals().get('x'))"})
+    resp = await client.post(
+        "/execute-stream/sleepy", json={"code": "print(globals().get('x'))", "protocol": 2}
+    )
     events = parse_sse(await resp.text())
     assert events[0]["type"] == "restart" and events[0]["reason"].startswith("idle")
     assert events[-1]["restarted"] is True
@@ -162,7 +164,7 @@ async def test_reattach_after_a_dropped_connection(client: Client) -> None:
     code = (
         "import time\nfor i in range(8):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)"
     )
-    resp = await client.post("/execute-stream/reattach", json={"code": code})
+    resp = await client.post("/execute-stream/reattach", json={"code": code, "protocol": 2})
     execution_id = resp.headers["X-Execution-Id"]
     seen = await read_until(resp, lambda e: e.get("content", "").startswith("line 1"))
     assert seen[0][1] == {"type": "start", "executionId": execution_id, "sessionId": "reattach"}
@@ -192,7 +194,7 @@ async def test_reattach_reports_a_gap_when_the_buffer_overflowed(make_client: Ma
         "import time\nprint('go', flush=True)\ntime.sleep(0.3)\n"
         "for i in range(200):\n    print('x' * 99)"
     )
-    resp = await client.post("/execute-stream/gappy", json={"code": code})
+    resp = await client.post("/execute-stream/gappy", json={"code": code, "protocol": 2})
     execution_id = resp.headers["X-Execution-Id"]
     seen = await read_until(resp, lambda e: e.get("content", "").startswith("go"))
     resp.close()
@@ -211,7 +213,7 @@ async def test_stop_on_disconnect(client: Client) -> None:
     await execute(client, "stopper", "marker = 'kept'")
     code = "import time\nprint('up', flush=True)\nwhile True:\n    time.sleep(0.05)"
     resp = await client.post(
-        "/execute-stream/stopper", json={"code": code, "stopOnDisconnect": True}
+        "/execute-stream/stopper", json={"code": code, "stopOnDisconnect": True, "protocol": 2}
     )
     execution_id = resp.headers["X-Execution-Id"]
     await read_until(resp, lambda e: e.get("content", "").startswith("up"))
@@ -284,7 +286,7 @@ async def test_disconnects_are_noticed_by_a_real_server() -> None:
         async with aiohttp.ClientSession() as http:
             silent = "import time\nprint('up', flush=True)\nwhile True:\n    time.sleep(0.05)"
             for sid, stop in (("keeps", False), ("stops", True)):
-                body = {"code": silent, "stopOnDisconnect": stop, "timeout": 20}
+                body = {"code": silent, "stopOnDisconnect": stop, "timeout": 20, "protocol": 2}
                 resp = await http.post(f"{replica.base}/execute-stream/{sid}", json=body)
                 await read_until(resp, lambda e: e.get("content", "").startswith("up"))
                 resp.close()

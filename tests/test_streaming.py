@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse
+
+from replserver.routes import MANAGER
 
 from .conftest import Client, MakeClient, execute, parse_sse, stream
 
@@ -253,3 +257,134 @@ async def test_slow_consumer_gets_every_byte(make_client: MakeClient) -> None:
     out = joined(events, "output")
     assert len(out) == len(expected)
     assert out == expected
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+
+def old_blocks(raw: bytes) -> list[dict[str, Any]]:
+    """The events of a protocol-1 body, checking its framing: every block is one
+    `data: <json>` line as the old backend wrote it (json.dumps with its defaults)."""
+    assert raw.endswith(b"\n\n"), raw[-200:]
+    events = []
+    for block in raw[: -len(b"\n\n")].split(b"\n\n"):
+        if block == b": ping":
+            continue
+        assert block.startswith(b"data: ") and b"\n" not in block, block[:200]
+        event = json.loads(block[len(b"data: ") :])
+        assert block == f"data: {json.dumps(event)}".encode(), block[:200]
+        assert event["type"] in ("output", "error", "complete"), event
+        events.append(event)
+    assert [e["type"] for e in events].count("complete") == 1
+    assert events[-1]["type"] == "complete"
+    return events
+
+
+async def test_default_protocol_is_the_old_framing(client: Client) -> None:
+    code = "import sys\nprint('héllo \"ü\"\\tend')\nsys.stderr.write('two\\n')\n40 + 2"
+    for body in ({"code": code}, {"code": code, "protocol": 1}):
+        resp = await client.post("/execute-stream/old", json=body)
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        raw = await resp.read()
+        assert b"id:" not in raw and b"event:" not in raw and b"\r" not in raw
+        # The exact bytes of the old backend: ensure_ascii escapes, ", " and ": ".
+        assert raw.startswith(
+            b'data: {"type": "output", "content": "h\\u00e9llo \\"\\u00fc\\"\\tend\\n"}\n\n'
+            b'data: {"type": "error", "content": "two\\n"}\n\n'
+            b'data: {"type": "complete", "returnCode": 0, '
+        ), raw
+        events = old_blocks(raw)
+        assert len(events) == 3  # no start, no result
+        assert events[-1]["executionId"] == resp.headers["X-Execution-Id"]
+
+
+async def test_protocol_2_has_ids_and_rich_events(client: Client) -> None:
+    resp = await client.post("/execute-stream/rich", json={"code": "40 + 2", "protocol": 2})
+    raw = (await resp.read()).decode()
+    blocks = raw.removesuffix("\n\n").split("\n\n")
+    assert all(b.split("\n")[1].startswith("id: ") for b in blocks), raw
+    assert [e["type"] for e in parse_sse(raw)] == ["start", "result", "complete"]
+
+
+async def test_protocol_1_adapts_what_its_clients_cannot_use(client: Client) -> None:
+    sid = "adapted"
+    code = "print('a')\ndisplay(3, 'text')\nprint('b')\n40 + 2"
+    resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+    events = old_blocks(await resp.read())
+    assert joined(events, "output") == "a\n3\n'text'\nb\n"  # displays as text, no result
+    assert events[-1]["returnCode"] == 0
+    # input() and getpass raise EOFError at once: nobody could answer them.
+    for asking in ("input('name? ')", "import getpass\ngetpass.getpass()"):
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            resp = await client.post(f"/execute-stream/{sid}", json={"code": asking})
+            events = old_blocks(await resp.read())
+        assert time.monotonic() - started < 5
+        assert "EOFError: input() is not available" in joined(events, "error")
+        assert '"protocol": 2' in joined(events, "error")  # and says how to get it
+        assert events[-1]["returnCode"] == 1
+    # The session's process dies: the next stream says so in an error event first.
+    await execute(client, sid, "import os\nos._exit(3)")
+    resp = await client.post(f"/execute-stream/{sid}", json={"code": "print('again')"})
+    events = old_blocks(await resp.read())
+    assert events[0]["type"] == "error"
+    assert events[0]["content"].startswith("[the session was restarted (")
+    assert "earlier state is lost" in events[0]["content"]
+    assert joined(events, "output") == "again\n"
+    assert events[-1]["restarted"] is True
+
+
+@pytest.mark.parametrize("value", [0, 3, -1, True, False, None, "2", "1", 2.0, 1.5, [2], {}])
+async def test_other_protocol_values_are_refused(client: Client, value: object) -> None:
+    resp = await client.post("/execute-stream/proto", json={"code": "print(1)", "protocol": value})
+    assert resp.status == 400
+    assert "protocol" in (await resp.json())["detail"]
+    assert client.app[MANAGER].find("proto") is None  # refused before anything ran
+
+
+# --- reattaching ---------------------------------------------------------------------------
+
+
+async def test_events_route_speaks_protocol_2_and_closes_after_complete(client: Client) -> None:
+    code = "import time\nprint('up', flush=True)\ntime.sleep(0.5)\nprint('down')"
+    resp = await client.post("/execute-stream/reat", json={"code": code})  # protocol 1
+    execution_id = resp.headers["X-Execution-Id"]
+    assert (await next_event(resp))["content"].startswith("up")
+    resp.close()
+    async with asyncio.timeout(10):
+        again = await client.get(f"/executions/{execution_id}/events")
+        assert again.status == 200
+        raw = (await again.read()).decode()  # ends by itself, right after `complete`
+    events = parse_sse(raw)
+    assert events[0]["type"] == "start" and events[-1]["type"] == "complete"
+    assert joined(events, "output") == "up\ndown\n"
+    final_id = int(raw.removesuffix("\n\n").rsplit("\nid: ", 1)[1])
+    # An EventSource reconnecting after the end is told to stop: 204, at once.
+    for last in (final_id, final_id + 5):
+        async with asyncio.timeout(5):
+            done = await client.get(
+                f"/executions/{execution_id}/events", headers={"Last-Event-ID": str(last)}
+            )
+            assert done.status == 204 and await done.read() == b""
+    before = await client.get(f"/executions/{execution_id}/events?lastEventId={final_id - 1}")
+    assert [e["type"] for e in parse_sse(await before.text())] == ["complete"]
+
+
+async def test_live_reattach_closes_right_after_complete(client: Client) -> None:
+    code = "import time\nprint('up', flush=True)\ntime.sleep(0.6)\nprint('down')"
+    resp = await client.post("/execute-stream/live", json={"code": code, "protocol": 2})
+    execution_id = resp.headers["X-Execution-Id"]
+    seen = ""
+    async with asyncio.timeout(10):
+        while "up\n" not in seen:  # each event: its `data:` line, its `id:` line
+            data, id_line = await resp.content.readline(), await resp.content.readline()
+            seen += json.loads(data.removeprefix(b"data: ")).get("content", "")
+            last_id = int(id_line.removeprefix(b"id: "))
+            assert await resp.content.readline() == b"\n"
+    resp.close()
+    async with asyncio.timeout(10):
+        again = await client.get(f"/executions/{execution_id}/events?lastEventId={last_id}")
+        events = await read_events_until_complete(again)
+        # The id line of `complete`, then the stream ends by itself.
+        assert re.fullmatch(rb"id: \d+\n\n", await again.content.read())
+    assert seen + joined(events, "output") == "up\ndown\n"

@@ -225,7 +225,8 @@
     const outputs = cell.querySelector(".outputs");
     setRunning(true);
     try {
-      const response = await post("execute-stream", { code: source });
+      // Protocol 2: the rich events (results, displays, input requests) this page renders.
+      const response = await post("execute-stream", { code: source, protocol: 2 });
       if (!response.ok) {
         appendText(outputs, "stderr", `${await failure(response)}\n`);
         return;
