@@ -114,16 +114,16 @@ def note_outcome(request: web.Request, run: Run) -> None:
         fields["reason"] = run.execution.reason
 
 
-async def execute(request: web.Request) -> web.Response:
+async def execute(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
     run = await session.start(body.code, timeout_s=body.timeout_s)
     note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
-    reply = await streaming.collect(run, output_limit=limit)
+    resp = await streaming.collect(request, run, output_limit=limit)
     note_outcome(request, run)
-    return web.json_response(reply, headers={"X-Execution-Id": run.execution.id})
+    return resp
 
 
 async def execute_stream(request: web.Request) -> web.StreamResponse:
