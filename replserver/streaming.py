@@ -135,10 +135,12 @@ class JsonText:
 
 
 class ReplyWriter:
-    """A response body sent in pieces of REPLY_FLUSH_BYTES: a small reply leaves in one
-    write with its headers, a large one never waits whole in memory."""
+    """A response body sent in pieces of about REPLY_FLUSH_BYTES. A reply smaller than that
+    leaves whole at the end, with a Content-Length, exactly as json_response sent it (the
+    headers arrive when the execution is over); a larger one starts at the first piece."""
 
-    def __init__(self, resp: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request, resp: web.StreamResponse) -> None:
+        self._request = request
         self._resp = resp
         self._pending: list[bytes] = []
         self._size = 0
@@ -148,12 +150,18 @@ class ReplyWriter:
         self._size += len(data)
         if self._size >= REPLY_FLUSH_BYTES:
             pending, self._pending, self._size = self._pending, [], 0
+            if not self._resp.prepared:
+                await self._resp.prepare(self._request)
             await self._resp.write(b"".join(pending))
 
     async def close(self, data: bytes) -> None:
         """Send what is pending, then `data`, and end the body."""
-        await self._resp.write_eof(b"".join((*self._pending, data)))
+        rest = b"".join((*self._pending, data))
         self._pending, self._size = [], 0
+        if not self._resp.prepared:
+            self._resp.content_length = len(rest)
+            await self._resp.prepare(self._request)
+        await self._resp.write_eof(rest)
 
 
 async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
@@ -163,19 +171,19 @@ async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.S
     <completion fields>}`, written as the output arrives: stdout is escaped and sent piece by
     piece, so a 16 MiB reply never exists whole in the server. Only what comes after it in
     the object waits: the raw stderr bytes (within the output cap), the result, displays.
+    A small reply is sent whole at the end, as before (ReplyWriter).
     """
     execution = run.execution
     resp = web.StreamResponse(headers={"X-Execution-Id": execution.id})
     resp.content_type = "application/json"
     resp.charset = "utf-8"
-    body = ReplyWriter(resp)
+    body = ReplyWriter(request, resp)
     err: deque[bytes] = deque()
     result: str | None = None
     displays: list[dict[str, Any]] = []
     output = JsonText()
     try:
         async with aclosing(execution.follow()) as entries:
-            await resp.prepare(request)
             await body.write(b'{"output": "')
             async for batch in entries:
                 for _, kind, data in batch:

@@ -101,6 +101,7 @@ async def test_streamed_reply_is_the_same_json(make_client: MakeClient) -> None:
     body = await resp.read()
     reply = json.loads(body)
     assert body == json.dumps(reply).encode()
+    assert resp.headers["Content-Length"] == str(len(body))  # small: sent whole, at the end
     assert resp.headers["X-Execution-Id"] == reply["executionId"]
     assert list(reply)[:4] == ["output", "error", "result", "displays"]
     assert reply["output"] == (
@@ -122,3 +123,19 @@ async def test_streamed_reply_null_error_and_server_notes(make_client: MakeClien
     assert body == json.dumps(reply).encode()
     assert reply["output"] == "y" * 1000 and reply["truncated"] is True
     assert reply["error"].startswith("[output truncated: more than 1000 bytes")
+
+
+async def test_large_reply_is_streamed_and_the_same_json(make_client: MakeClient) -> None:
+    """Past the first flush the body is chunked; characters split between pieces survive."""
+    client = await make_client()
+    code = (
+        "import sys\nfor i in range(3000):\n    sys.stdout.write('\\u00e9\\U0001d11e' * 99 + '\\n')"
+    )
+    resp = await client.post("/execute/large", json={"code": code})
+    assert resp.status == 200 and "Content-Length" not in resp.headers
+    assert resp.headers["Transfer-Encoding"] == "chunked"
+    body = await resp.read()
+    reply = json.loads(body)
+    assert body == json.dumps(reply).encode()
+    assert reply["output"] == ("\u00e9\U0001d11e" * 99 + "\n") * 3000
+    assert reply["error"] is None and reply["truncated"] is False
