@@ -139,3 +139,20 @@ async def test_large_reply_is_streamed_and_the_same_json(make_client: MakeClient
     assert body == json.dumps(reply).encode()
     assert reply["output"] == ("\u00e9\U0001d11e" * 99 + "\n") * 3000
     assert reply["error"] is None and reply["truncated"] is False
+
+
+@pytest.mark.timeout(60)
+async def test_client_leaving_mid_reply_is_no_error(replica: servers.Replica) -> None:
+    """The client reads a little of a 16 MiB reply and goes: no error in the server's log,
+    and the session's next request is answered."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{replica.base}/execute/leaver", json={"code": BIG_OUTPUT}) as resp:
+            assert resp.status == 200
+            assert (await resp.content.readexactly(12)) == b'{"output": "'
+        # Leaving the block closed the connection with most of the reply unread.
+        async with http.post(f"{replica.base}/execute/leaver", json={"code": "print(7)"}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["output"] == "7\n"
+    assert replica.log is not None
+    log = replica.log.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
