@@ -11,6 +11,7 @@ from . import probe, routes
 from .isolation import Isolation
 from .manager import SessionManager
 from .metrics import Metrics
+from .middleware import json_errors, require_token
 from .settings import Settings
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
@@ -48,7 +49,9 @@ async def _close_sessions(app: web.Application) -> None:
 def create_app(settings: Settings | None = None) -> web.Application:
     """A ready-to-run application; `settings` defaults to the environment's."""
     settings = settings or Settings.from_env()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[routes.json_errors])
+    # json_errors outermost: a refused token leaves as JSON too.
+    middlewares = [json_errors, require_token(settings.api_token)]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[routes.SETTINGS] = settings
     isolation = Isolation(settings)
     app[routes.ISOLATION] = isolation

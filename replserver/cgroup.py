@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 V1_ROOT = Path("/sys/fs/cgroup/pids")
 V2_ROOT = Path("/sys/fs/cgroup")
+KILL_WITHIN_S = 2.0  # v1: how long kill passes go on while a fork loop refills the cgroup
+KILL_PASS_INTERVAL_S = 0.005  # between passes: a killed process needs a moment to leave
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _own_path(controller: str) -> str | None:
@@ -109,7 +113,7 @@ def _remove_stale(parent: Path) -> None:
         except (ValueError, PermissionError):
             continue
         for child in tree.glob("child-*"):
-            ChildCgroup(child).kill_all()
+            ChildCgroup(child)._kill_pass(0)  # one pass: no loop may run yet (start-up)
             try:
                 child.rmdir()
             except OSError:
@@ -139,27 +143,44 @@ class ChildCgroup:
             return []
 
     def kill_all(self, *, spare: int = 0) -> None:
-        """SIGKILL every process in the cgroup but `spare`, escaped process groups included."""
+        """SIGKILL every process in the cgroup but `spare`, escaped process groups included:
+        one pass now, and the passes a fork loop may still need in the background."""
+        if self._kill_pass(spare):
+            task = asyncio.get_running_loop().create_task(self.kill_remaining(spare=spare))
+            _background.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(_background.discard)
+
+    async def kill_remaining(self, *, spare: int = 0) -> None:
+        """Kill passes until nothing but `spare` is left, yielding to the loop between them."""
+        # pids.max keeps a fork loop from outrunning this; bounded all the same.
+        deadline = time.monotonic() + KILL_WITHIN_S
+        while time.monotonic() < deadline:
+            if not self._kill_pass(spare):
+                return
+            await asyncio.sleep(KILL_PASS_INTERVAL_S)
+
+    def _kill_pass(self, spare: int) -> bool:
+        """One round of SIGKILL; False once nothing is left to kill (as far as we can tell)."""
         kill_file = self.path / "cgroup.kill"
         if not spare and kill_file.exists():
             try:
+                # v2: the kernel kills all of them, forks in flight included, at once.
                 kill_file.write_text("1")
-                return
+                return False
             except OSError:
                 pass
-        # v1 has no cgroup.kill: kill what is listed until nothing is left. pids.max keeps a
-        # fork loop from outrunning this; bounded all the same.
-        deadline = time.monotonic() + 2.0
-        while (pids := [p for p in self.pids() if p != spare]) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # v1 has no cgroup.kill: kill what is listed, pass after pass, until nothing is left.
+        pids = [p for p in self.pids() if p != spare]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return bool(pids)
 
     async def destroy(self) -> None:
         """Kill what is left and remove the directory (bounded wait for the kernel)."""
-        self.kill_all()
+        await self.kill_remaining()
         deadline = time.monotonic() + 5.0
         while True:
             try:

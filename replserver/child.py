@@ -309,12 +309,12 @@ class ChildProcess:
         if self._cgroup is not None:
             self._cgroup.kill_all(spare=self.pid)
             return
-        for pid in _group_members(self.pid):
-            if pid != self.pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # A scan of all /proc (milliseconds per hundred processes): in a thread, off the loop.
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(_kill_group_members, self.pid)
+        )
+        _background.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_background.discard)
 
     def kill(self, message: str) -> None:
         """Kill the whole process group now; the execution in flight fails with `message`."""
@@ -361,6 +361,19 @@ class ChildProcess:
 _OUTPUT_FRAMES = frozenset(
     (protocol.T_STDOUT, protocol.T_STDERR, protocol.T_RESULT, protocol.T_DISPLAY)
 )
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _kill_group_members(pgid: int) -> None:
+    """SIGKILL every process of group `pgid` but its leader."""
+    for pid in _group_members(pgid):
+        if pid != pgid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _group_members(pgid: int) -> list[int]:

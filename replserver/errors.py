@@ -1,4 +1,4 @@
-"""Exceptions that carry what went wrong; routes.py alone maps them to HTTP statuses."""
+"""Exceptions that carry what went wrong; middleware.py alone maps them to HTTP statuses."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -14,17 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, streaming
-from .errors import (
-    BadRequest,
-    ChildStartError,
-    NoInputPending,
-    NotFound,
-    ProtocolError,
-    ReplError,
-    ShuttingDown,
-    TooManySessions,
-    Unauthorized,
-)
+from .errors import BadRequest, NoInputPending, NotFound
 from .isolation import Isolation
 from .manager import SessionManager
 from .metrics import ACCESS_FIELDS, CONTENT_TYPE, Metrics
@@ -39,67 +28,6 @@ ISOLATION = web.AppKey("isolation", Isolation)
 SETTINGS = web.AppKey("settings", Settings)
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_STATUS: dict[type[ReplError], int] = {
-    BadRequest: 400,
-    Unauthorized: 401,
-    NotFound: 404,
-    NoInputPending: 409,
-    TooManySessions: 429,
-    ChildStartError: 503,
-    ShuttingDown: 503,
-    ProtocolError: 502,
-}
-
-
-def error_response(status: int, detail: str) -> web.Response:
-    return web.json_response({"detail": detail}, status=status)
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every error leaves as JSON `{"detail": ...}`, the shape the frontend reads."""
-    try:
-        check_token(request)
-        response: web.StreamResponse = await handler(request)
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        resp = error_response(exc.status, detail or exc.reason)
-        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
-            if name in exc.headers:
-                resp.headers[name] = exc.headers[name]
-        return resp
-    except ReplError as exc:
-        resp = error_response(_STATUS.get(type(exc), 500), str(exc))
-        if isinstance(exc, TooManySessions):
-            resp.headers["Retry-After"] = str(exc.retry_after_s)
-        elif isinstance(exc, Unauthorized):
-            resp.headers["WWW-Authenticate"] = "Bearer"
-        return resp
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
-
-
-# Open without a token: the health check (load balancers, orchestrators) and the page,
-# which holds no secret and is where a token is typed in.
-OPEN_PATHS = frozenset({"/health", "/"})
-
-
-def check_token(request: web.Request) -> None:
-    """Bearer-token authentication, when REPL_API_TOKEN is set."""
-    token = request.app[SETTINGS].api_token
-    path = request.path
-    if not token or request.method == "OPTIONS" or path in OPEN_PATHS:
-        return  # CORS preflights carry no credentials by design
-    if path.startswith("/static/"):
-        return
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Constant-time comparison: response timing must not reveal how much of a guess matched.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise Unauthorized("missing or invalid API token (send 'Authorization: Bearer <token>')")
 
 
 def session_id(request: web.Request) -> str:
@@ -120,15 +48,36 @@ class ExecuteRequest:
 
 
 async def read_object(request: web.Request) -> dict[str, Any]:
-    """The request body: a JSON object, or BadRequest."""
+    """The request body: a JSON object of valid Unicode text, or BadRequest (never a 500)."""
     body = await request.read()  # aiohttp answers 413 past client_max_size
     try:
-        data = json.loads(body)
-    except ValueError:  # includes UnicodeDecodeError
-        raise BadRequest("request body is not valid JSON") from None
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:  # the decoder recurses once per level: [[[[...]]]]
+        raise BadRequest("request body is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8") from None
+    except ValueError:  # int() past sys.get_int_max_str_digits()
+        raise BadRequest("request body has a number with too many digits") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    try:
+        # A \ud800-style escape decodes to a lone surrogate, which is no Unicode text: any
+        # later .encode() of it (to the child, into a reply) would fail. One check here.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest(
+            "request body has a lone surrogate (an unpaired \\ud800-\\udfff escape) in a string"
+        ) from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     return data
+
+
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity, which Python's json accepts and JSON does not."""
+    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON value")
 
 
 async def read_request(request: web.Request) -> ExecuteRequest:
@@ -171,16 +120,16 @@ def note_outcome(request: web.Request, run: Run) -> None:
         fields["reason"] = run.execution.reason
 
 
-async def execute(request: web.Request) -> web.Response:
+async def execute(request: web.Request) -> web.StreamResponse:
     sid = session_id(request)
     body = await read_request(request)
     session = await request.app[MANAGER].get(sid)
     run = await session.start(body.code, timeout_s=body.timeout_s)
     note_access(request, run)
     limit = request.app[SETTINGS].max_output_bytes
-    reply = await streaming.collect(run, output_limit=limit)
+    resp = await streaming.collect(request, run, output_limit=limit)
     note_outcome(request, run)
-    return web.json_response(reply, headers={"X-Execution-Id": run.execution.id})
+    return resp
 
 
 async def execute_stream(request: web.Request) -> web.StreamResponse:

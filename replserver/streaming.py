@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from typing import Any
@@ -124,19 +125,77 @@ def server_text(execution: Execution, limit: int) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
-    """Run to completion and build /execute's JSON reply."""
+REPLY_FLUSH_BYTES = 64 * 1024  # /execute's reply is sent in pieces of about this size
+
+
+class JsonText:
+    """One JSON string written as its bytes arrive: decoded incrementally (a character split
+    between two pieces still decodes), escaped piece by piece, never held whole."""
+
+    def __init__(self) -> None:
+        self._decoder = _decoder()
+
+    def feed(self, data: bytes, *, final: bool = False) -> bytes:
+        """The escaped text of `data` (without quotes): ASCII, as json.dumps writes it."""
+        text = self._decoder.decode(data, final)
+        return json.dumps(text)[1:-1].encode() if text else b""
+
+
+class ReplyWriter:
+    """A response body sent in pieces of about REPLY_FLUSH_BYTES. A reply smaller than that
+    leaves whole at the end, with a Content-Length, exactly as json_response sent it (the
+    headers arrive when the execution is over); a larger one starts at the first piece."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse) -> None:
+        self._request = request
+        self._resp = resp
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    async def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= REPLY_FLUSH_BYTES:
+            pending, self._pending, self._size = self._pending, [], 0
+            if not self._resp.prepared:
+                await self._resp.prepare(self._request)
+            await self._resp.write(b"".join(pending))
+
+    async def close(self, data: bytes) -> None:
+        """Send what is pending, then `data`, and end the body."""
+        rest = b"".join((*self._pending, data))
+        self._pending, self._size = [], 0
+        if not self._resp.prepared:
+            self._resp.content_length = len(rest)
+            await self._resp.prepare(self._request)
+        await self._resp.write_eof(rest)
+
+
+async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
+    """Run to completion while writing /execute's JSON reply.
+
+    The reply is the object `{"output": ..., "error": ..., "result": ..., "displays": ...,
+    <completion fields>}`, written as the output arrives: stdout is escaped and sent piece by
+    piece, so a 16 MiB reply never exists whole in the server. Only what comes after it in
+    the object waits: the raw stderr bytes (within the output cap), the result, displays.
+    A small reply is sent whole at the end, as before (ReplyWriter).
+    """
     execution = run.execution
-    out: list[bytes] = []
-    err: list[bytes] = []
+    resp = web.StreamResponse(headers={"X-Execution-Id": execution.id})
+    resp.content_type = "application/json"
+    resp.charset = "utf-8"
+    body = ReplyWriter(request, resp)
+    err: deque[bytes] = deque()
     result: str | None = None
     displays: list[dict[str, Any]] = []
+    output = JsonText()
     try:
         async with aclosing(execution.follow()) as entries:
+            await body.write(b'{"output": "')
             async for batch in entries:
                 for _, kind, data in batch:
                     if kind == T_STDOUT:
-                        out.append(data)
+                        await body.write(output.feed(data))
                     elif kind == T_STDERR:
                         err.append(data)
                     elif kind == T_RESULT:
@@ -144,17 +203,28 @@ async def collect(run: Run, *, output_limit: int) -> dict[str, Any]:
                     elif kind == T_DISPLAY and (bundle := display_data(data)) is not None:
                         displays.append(bundle)
                     # No input request reaches /execute: its code gets EOFError from input().
+        await body.write(output.feed(b"", final=True) + b'"')
+        await _write_error(body, err, server_text(execution, output_limit))
+        rest = json.dumps({"result": result, "displays": displays, **completion_fields(run)})
+        await body.close(b", " + rest[1:].encode())
+    except ConnectionError:
+        pass  # the client went away; the execution ran on to its end or runs on unread
     finally:
         execution.release_initial()
-    error = b"".join(err).decode("utf-8", "replace") + server_text(execution, output_limit)
-    reply: dict[str, Any] = {
-        "output": b"".join(out).decode("utf-8", "replace"),
-        "error": error or None,
-        "result": result,
-        "displays": displays,
-    }
-    reply.update(completion_fields(run))
-    return reply
+    return resp
+
+
+async def _write_error(body: ReplyWriter, err: deque[bytes], notes: str) -> None:
+    """The `error` member: stderr then the server's notes, or null when both are empty."""
+    if not err and not notes:
+        await body.write(b', "error": null')
+        return
+    text = JsonText()
+    await body.write(b', "error": "')
+    while err:  # popped as written: the buffered stderr shrinks as the reply grows
+        await body.write(text.feed(err.popleft()))
+    tail = text.feed(b"", final=True) + json.dumps(notes)[1:-1].encode()
+    await body.write(tail + b'"')
 
 
 class EventRenderer:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import aiohttp
 
+from .slow_callbacks import SLOW_CALLBACK_ENV
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SLOW_CALLBACK_REPORT = "asyncio: Executing "  # how a slow callback's report starts in the log
 
 
 def free_port() -> int:
@@ -47,6 +50,11 @@ class Replica:
     def log_tail(self) -> str:
         return self.log.read_text()[-2000:] if self.log and self.log.exists() else ""
 
+    def slow_callbacks(self) -> list[str]:
+        """asyncio's reports of callbacks that held the loop (start with slow_callback_s)."""
+        text = self.log.read_text() if self.log and self.log.exists() else ""
+        return [line for line in text.splitlines() if SLOW_CALLBACK_REPORT in line]
+
     async def wait_ready(self, timeout_s: float = 20) -> None:
         """Poll /health until it answers 200; fail at once if the process exits."""
         async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
@@ -77,9 +85,14 @@ async def start(
     *,
     prefix: Sequence[str] = (),
     log: Path | None = None,
+    slow_callback_s: float | None = None,
     **env: str,
 ) -> Replica:
-    """Start `[prefix...] python -m replserver` with a clean REPL_* environment plus `env`."""
+    """Start `[prefix...] python -m replserver` with a clean REPL_* environment plus `env`.
+
+    `slow_callback_s`: run it with asyncio's debug mode reporting, in `log`, every callback
+    that held the event loop longer (see Replica.slow_callbacks).
+    """
     port = port or free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
     clean.pop("ENVIRONMENT", None)
@@ -91,13 +104,18 @@ async def start(
         REPL_SHUTDOWN_GRACE_S="1",
     )
     clean.update(env)
+    module = "replserver"
+    if slow_callback_s is not None:
+        assert log is not None, "the reports go to the log"
+        module = "tests.slow_callbacks"
+        clean[SLOW_CALLBACK_ENV] = str(slow_callback_s)
     out = log.open("ab") if log is not None else None
     try:
         proc = await asyncio.create_subprocess_exec(
             *prefix,
             sys.executable,
             "-m",
-            "replserver",
+            module,
             cwd=REPO_ROOT,
             env=clean,
             stdin=asyncio.subprocess.DEVNULL,
