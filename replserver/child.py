@@ -304,11 +304,29 @@ class ChildProcess:
         if self._gone.done() or self._distrusted:
             return
         loop = asyncio.get_running_loop()
-        loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd)
+        loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd, 1)
 
-    def _pipe_lost_expired(self, fd: int) -> None:
-        if not self._gone.done() and not self._distrusted:
-            self._broken(f"its {'request' if fd == 0 else 'event'} pipe closed")
+    def _pipe_lost_expired(self, fd: int, tries: int) -> None:
+        if self._gone.done() or self._distrusted:
+            return
+        if self._has_exited():
+            # It did exit, and a loaded machine is slow to tell us: that news is coming
+            # (and if it never does, the exit is taken as it is).
+            if tries < 25:
+                loop = asyncio.get_running_loop()
+                loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd, tries + 1)
+            else:
+                self._on_exit()
+            return
+        self._broken(f"its {'request' if fd == 0 else 'event'} pipe closed while it ran")
+
+    def _has_exited(self) -> bool:
+        """Whether the process has ended, looked at without reaping it (WNOWAIT)."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self.pid, flags) is not None
+        except ChildProcessError:
+            return True
 
     def _fail_current(self, message: str) -> None:
         current, self.current = self.current, None

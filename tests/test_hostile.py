@@ -47,6 +47,21 @@ def frame(kind, payload=b''):
     return bytes([kind]) + len(payload).to_bytes(4, 'big') + payload
 def done(code=0, count=2, reason=0, note=b''):
     return frame(0x44, struct.pack('>iIBQQ', code, count, reason, 0, 0) + note)
+def protocol_fd():
+    # The runner's copy of the event pipe: the one write-only pipe that is not fd 1's or 2's.
+    import fcntl, stat
+    for name in os.listdir('/proc/self/fd'):
+        try:
+            fd = int(name)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY:
+                continue
+            if not any(os.path.sameopenfile(fd, std) for std in (1, 2)):
+                return fd
+        except OSError:
+            pass
+    raise RuntimeError('no protocol pipe found')
 def forge(data):
     hit = 0
     for name in os.listdir('/proc/self/fd'):
@@ -83,12 +98,17 @@ async def post(client: Client, sid: str, code: str, *, stream: bool = False) -> 
     body = {"code": code, "timeout": LIMIT_S}
     if stream:
         body["protocol"] = 2
-    resp = await client.post(f"/{route}/{sid}", json=body)
-    assert resp.status == 200, await resp.text()
-    if not stream:
-        reply: dict[str, Any] = await resp.json()
-        return reply
-    events = parse_sse(await resp.text())
+    try:
+        async with asyncio.timeout(BOUND_S):  # the invariant: a hang fails here, named
+            resp = await client.post(f"/{route}/{sid}", json=body)
+            assert resp.status == 200, await resp.text()
+            if not stream:
+                reply: dict[str, Any] = await resp.json()
+                return reply
+            text = await resp.text()
+    except TimeoutError:
+        raise AssertionError(f"no reply from session {sid} within {BOUND_S} s") from None
+    events = parse_sse(text)
     complete = events[-1]
     assert complete["type"] == "complete", events
     assert sum(e["type"] == "complete" for e in events) == 1
@@ -269,20 +289,48 @@ async def test_done_with_no_execution_running(guarded: Client) -> None:
     assert after["output"] == "fresh\n" and after["restarted"] is True
 
 
-async def test_flood_of_valid_looking_frames(guarded: Client) -> None:
-    code = "import itertools\nchunk = frame(0x4F, b'x' * 1000) * 4\nwhile True:\n    forge(chunk)"
-    reply = await attack(guarded, "flood", code, reasons=("timeout", "crashed"), message=None)
+async def test_flood_written_everywhere(guarded: Client) -> None:
+    # Frames written to the event pipe interleave with the runner's own (its big output
+    # frames are not atomic): the stream is garbage within a few frames.
+    code = "chunk = frame(0x4F, b'x' * 1000) * 4\nwhile True:\n    forge(chunk)"
+    reply = await attack(guarded, "flood-everywhere", code, reasons=("timeout", "crashed"))
     assert len(reply["output"]) <= GUARDS["max_output_bytes"]
 
 
-async def test_flood_of_input_requests_in_a_stream(guarded: Client) -> None:
+# Each write is at most PIPE_BUF (4096) bytes, so it reaches the pipe whole, between the
+# runner's own frames: the stream stays valid throughout.
+VALID_FLOODS = {
+    "flood-valid-output": "frame(0x4F, b'x' * 1000) * 4",
+    "flood-valid-results": "frame(0x56, b'r' * 1000) * 4",
+    "flood-valid-displays": "frame(0x4D, b'{\"text/plain\": \"%s\"}' % (b'd' * 4000))",
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALID_FLOODS))
+async def test_flood_of_valid_frames_on_the_protocol_pipe(guarded: Client, case: str) -> None:
+    """Frames that are each valid, as fast as the code can write them, on the event pipe
+    alone: output caps and the time limit hold, and the namespace survives the stop."""
+    code = f"fd = protocol_fd()\nchunk = {VALID_FLOODS[case]}\nwhile True:\n    os.write(fd, chunk)"
+    reply = await attack(guarded, case, code, reasons=("timeout",), message="timed out")
+    assert reply["truncated"] is True and reply["namespaceSurvived"] is True
+    assert len(reply["output"]) <= GUARDS["max_output_bytes"]
+
+
+async def test_flood_of_valid_input_requests_in_a_stream(guarded: Client) -> None:
     code = (
-        "n = 0\nwhile True:\n    n += 1\n"
-        "    forge(frame(0x49, n.to_bytes(4, 'big') + b'\\0' + b'p' * 1000))"
+        "fd = protocol_fd()\nn = 0\nwhile True:\n    n += 1\n"
+        "    os.write(fd, frame(0x49, n.to_bytes(4, 'big') + b'\\0' + b'p' * 1000))"
     )
-    await attack(
-        guarded, "input-flood", code, stream=True, reasons=("timeout", "crashed"), message=None
+    reply = await attack(
+        guarded,
+        "flood-valid-input-requests",
+        code,
+        stream=True,
+        reasons=("timeout",),
+        message="timed out",
     )
+    assert reply["namespaceSurvived"] is True
+    assert sum(e["type"] == "input_request" for e in reply["events"]) > 10
 
 
 # --- descriptors taken away ----------------------------------------------------------------
@@ -309,6 +357,15 @@ async def test_closing_every_descriptor(guarded: Client) -> None:
         "print('after')"
     )
     await attack(guarded, "close-all", code, message=None)
+
+
+async def test_event_pipe_replaced_while_the_code_runs_on(guarded: Client) -> None:
+    # No more frames can come, yet the process lives: it is ended at once, not at the limit.
+    code = (
+        "import time\nnull = os.open('/dev/null', os.O_WRONLY)\n"
+        "os.dup2(null, protocol_fd())\ntime.sleep(10)"
+    )
+    await attack(guarded, "event-pipe-replaced", code, message="pipe closed while it ran")
 
 
 # --- processes left behind -----------------------------------------------------------------
