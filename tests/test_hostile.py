@@ -18,13 +18,15 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
 import pytest
 
 from replserver.routes import ISOLATION
 from replserver.session import WATCHDOG_MARGIN_S, Session
 
+from . import servers
 from .conftest import Client, MakeClient, execute, parse_sse
 
 LIMIT_S = 2.0
@@ -454,3 +456,47 @@ async def test_watchdog_frees_the_session_when_every_stop_failed(
         "while True:\n    time.sleep(1)"
     )
     await attack(guarded, "watchdog", code, message="watchdog", reasons=("crashed",))
+
+
+class Remote:
+    """The two calls `attack` makes of a test client, on a real server's base URL."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self._http = http
+        self._base = base
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self._http.post(self._base + path, **kw)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self._http.get(self._base + path, **kw)
+
+
+async def test_the_issue_cases_against_python_m_replserver() -> None:
+    """The issue's two cases through a real server process, which learns of its children's
+    exits from pidfds (the tests' in-process servers use asyncio's waitpid thread)."""
+    replica = await servers.start(
+        REPL_TIMEOUT_S=str(LIMIT_S),
+        REPL_INTERRUPT_GRACE_S=str(GRACE_S),
+        REPL_LIMIT_PROCESSES="64",
+        REPL_LIMIT_MEMORY_BYTES=str(512 * 1024 * 1024),
+    )
+    try:
+        await replica.wait_ready(15)
+        async with aiohttp.ClientSession() as http:
+            remote = cast(Client, Remote(http, replica.base))  # duck-typed: post and get
+            await attack(remote, "real-server-done-empty", "forge(frame(0x44))")
+            reply = await attack(
+                remote,
+                "real-server-descendant",
+                DESCENDANT + "os._exit(0)",
+                message="exited with code 0",
+            )
+            descendant = int(reply["output"].split()[0])
+            async with http.get(f"{replica.base}/health") as resp:
+                cgroups = (await resp.json())["isolation"]["pidsCgroup"]
+            if not cgroups:
+                pytest.skip("no pids cgroup here: a setsid descendant outlives the session")
+            assert await gone([descendant]) == [], "the descendant outlived its session"
+    finally:
+        await replica.kill()
