@@ -94,6 +94,7 @@ class ChildProcess:
         self._sent = 0  # executions sent: the count the next completion record must carry
         self._interactive = False  # the execution in flight can have its input() answered
         self._input_number = 0  # the last input request's number (the child counts up)
+        self._ending = False  # end() has begun: it closes the request pipe itself
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
@@ -301,13 +302,13 @@ class ChildProcess:
     def _on_pipe_lost(self, fd: int) -> None:
         """A protocol pipe closed while the process may still run (user code closed or
         replaced our descriptor): it gets a moment to exit, then it is ended."""
-        if self._gone.done() or self._distrusted:
+        if self._gone.done() or self._distrusted or self._ending:
             return
         loop = asyncio.get_running_loop()
         loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd, 1)
 
     def _pipe_lost_expired(self, fd: int, tries: int) -> None:
-        if self._gone.done() or self._distrusted:
+        if self._gone.done() or self._distrusted or self._ending:
             return
         if self._has_exited():
             # It did exit, and a loaded machine is slow to tell us: that news is coming
@@ -451,6 +452,7 @@ class ChildProcess:
             return "already-gone"
         outcome: EndOutcome = "exited"
         if self._stdin is not None:
+            self._ending = True  # the request pipe closing now is our doing
             self._stdin.close()  # EOF: the child exits by itself when idle
         for sig, next_outcome in ((signal.SIGTERM, "terminated"), (signal.SIGKILL, "killed")):
             try:
