@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import struct
 import subprocess
 from typing import Any, Literal
 
@@ -20,6 +19,12 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 EndOutcome = Literal["exited", "terminated", "killed", "already-gone"]
+
+# After the process exits, at most this much is read from its protocol pipe.
+DRAIN_BYTES = 4 * 1024 * 1024
+# A protocol pipe closed while the process runs: this long to exit before it is killed.
+PIPE_LOST_GRACE_S = 0.2
+FATAL_TEXT_BYTES = 1000  # of a FATAL frame's text, quoted in the error message
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -85,6 +90,11 @@ class ChildProcess:
         self._reap = False  # we killed processes the child may have to wait for
         self.pid = 0
         self.error: str | None = None  # why the child is unusable, once it is
+        self._distrusted = False  # it broke the protocol: nothing more it sends is read
+        self._sent = 0  # executions sent: the count the next completion record must carry
+        self._interactive = False  # the execution in flight can have its input() answered
+        self._input_number = 0  # the last input request's number (the child counts up)
+        self._ending = False  # end() has begun: it closes the request pipe itself
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
@@ -176,6 +186,8 @@ class ChildProcess:
             raise ProtocolError("the session's Python process is not running")
         assert self.current is None, "one execution at a time"
         self.current = execution
+        self._sent += 1
+        self._interactive = interactive
         flags = (protocol.FLAG_REAP if self._reap else 0) | (
             protocol.FLAG_INPUT if interactive else 0
         )
@@ -196,46 +208,126 @@ class ChildProcess:
             self._stdout.resume_reading()
 
     # --- frames from the child (called by _ChildProtocol) -----------------------------------
+    # Every byte comes from a process that runs user code, which can write to the protocol
+    # pipe: each frame is checked (layout, and whether it may come now) before it is used,
+    # and anything wrong ends the child instead of leaving the session waiting.
     def _on_data(self, data: bytes) -> None:
-        try:
-            frames = self._parser.feed(data)
-        except protocol.FrameTooLarge as exc:
-            self._broken(f"protocol error: {exc}")
+        if self._distrusted:
             return
-        for kind, payload in frames:
-            current = self.current
-            if kind in _OUTPUT_FRAMES:
-                if current is not None:
-                    current.push(kind, payload)
-                # Output with no execution in flight (a background thread, a subprocess
-                # outliving its cell) is dropped: see the README's "Stray output".
-            elif kind == protocol.T_INPUT_REQUEST:
-                try:
-                    request = protocol.InputRequest.decode(payload)
-                except struct.error:
-                    self._broken("protocol error: malformed input request")
+        try:
+            for kind, payload in self._parser.feed(data):
+                self._on_frame(kind, payload)
+                if self._distrusted:
                     return
-                if current is not None:
-                    current.request_input(request, payload)
-            elif kind == protocol.T_DONE:
-                self.current = None
-                if current is not None:
-                    current.finish(protocol.Done.decode(payload))
-            elif kind == protocol.T_READY:
-                if not self._ready.done():
-                    self._ready.set_result(int(payload or b"0"))
-            elif kind == protocol.T_FATAL:
-                text = payload.decode(errors="replace")
-                self._broken(f"the session's Python process reported: {text}")
-            else:
-                self._broken(f"protocol error: unknown frame type {kind:#x}")
+        except (protocol.FrameTooLarge, protocol.Malformed, ProtocolError) as exc:
+            self._broken(str(exc))
+        except Exception as exc:
+            log.exception("child %s: error handling its frames", self.pid)
+            self._broken(f"a frame the server could not handle ({type(exc).__name__})")
 
-    def _broken(self, message: str) -> None:
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        current = self.current
+        if kind in _OUTPUT_FRAMES:
+            if not payload:
+                raise protocol.Malformed("an empty output frame")
+            if kind == protocol.T_DISPLAY:
+                protocol.check_display(payload)
+            if current is not None:
+                current.push(kind, payload)
+            # Output with no execution in flight (a background thread, a subprocess
+            # outliving its cell) is dropped: see the README's "Stray output".
+        elif kind == protocol.T_DONE:
+            self._on_done(protocol.Done.decode(payload))
+        elif kind == protocol.T_INPUT_REQUEST:
+            self._on_input_request(protocol.InputRequest.decode(payload), payload)
+        elif kind == protocol.T_READY:
+            pid = protocol.decode_ready(payload)
+            if self._ready.done():
+                raise ProtocolError("a second ready frame")
+            self._ready.set_result(pid)
+        elif kind == protocol.T_FATAL:
+            text = payload[:FATAL_TEXT_BYTES].decode("utf-8", "replace")
+            self._broken(text, how="reported a protocol error")
+        else:
+            raise ProtocolError(f"a frame of unknown type {kind:#x}")
+
+    def _on_done(self, done: protocol.Done) -> None:
+        current = self.current
+        if current is None:
+            raise ProtocolError("a completion record with no execution running")
+        if done.execution_count != self._sent or done.return_code not in (0, 1):
+            raise ProtocolError(
+                f"a completion record for execution {done.execution_count} with return"
+                f" code {done.return_code}, while execution {self._sent} runs"
+            )
+        self.current = None
+        current.finish(done)
+
+    def _on_input_request(self, request: protocol.InputRequest, payload: bytes) -> None:
+        current = self.current
+        if current is None or not self._interactive:
+            raise ProtocolError("an input request where no client can answer one")
+        expected = (self._input_number + 1) & 0xFFFFFFFF
+        if request.number != expected:
+            raise ProtocolError(f"input request {request.number}, not {expected}")
+        self._input_number = expected
+        current.request_input(request, payload)
+
+    def _broken(self, detail: str, how: str = "broke the protocol") -> None:
         """The stream can no longer be trusted: fail the execution and kill the process."""
-        log.error("child %s: %s", self.pid, message)
-        self.error = message
-        self._fail_current(message)
+        log.error("child %s %s: %s", self.pid, how, detail)
+        self._distrusted = True
+        if self.error is None:
+            self.error = (
+                f"The session's Python process {how} ({detail}), so it was ended;"
+                " its state was lost."
+            )
+        self._fail_current(self.error)
         self._signal_group(signal.SIGKILL)
+
+    def abandon(self, execution: Execution, message: str) -> None:
+        """Give up on the child: `execution` fails with `message` now, and every process of
+        the session is killed, whether or not its end is ever seen."""
+        self._distrusted = True
+        if self.error is None:
+            self.error = message
+        if self.current is execution:
+            self.current = None
+        execution.finish(Failure(message))
+        try:
+            self._signal_group(signal.SIGKILL)
+        except OSError as exc:
+            log.error("child %s: could not kill its processes: %s", self.pid, exc)
+
+    def _on_pipe_lost(self, fd: int) -> None:
+        """A protocol pipe closed while the process may still run (user code closed or
+        replaced our descriptor): it gets a moment to exit, then it is ended."""
+        if self._gone.done() or self._distrusted or self._ending:
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd, 1)
+
+    def _pipe_lost_expired(self, fd: int, tries: int) -> None:
+        if self._gone.done() or self._distrusted or self._ending:
+            return
+        if self._has_exited():
+            # It did exit, and a loaded machine is slow to tell us: that news is coming
+            # (and if it never does, the exit is taken as it is).
+            if tries < 25:
+                loop = asyncio.get_running_loop()
+                loop.call_later(PIPE_LOST_GRACE_S, self._pipe_lost_expired, fd, tries + 1)
+            else:
+                self._on_exit()
+            return
+        self._broken(f"its {'request' if fd == 0 else 'event'} pipe closed while it ran")
+
+    def _has_exited(self) -> bool:
+        """Whether the process has ended, looked at without reaping it (WNOWAIT)."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self.pid, flags) is not None
+        except ChildProcessError:
+            return True
 
     def _fail_current(self, message: str) -> None:
         current, self.current = self.current, None
@@ -260,7 +352,33 @@ class ChildProcess:
             finally:
                 os.close(fd)
 
+    def _on_exit(self) -> None:
+        """The process exited: what it wrote is in the pipes already, so take that and
+        end now. Its descendants may hold the pipes open for as long as they like."""
+        self._drain_protocol()
+        self._on_gone()
+
+    def _drain_protocol(self) -> None:
+        stdout = self._stdout
+        if stdout is None or stdout.is_closing():
+            return
+        fd = stdout.get_extra_info("pipe").fileno()  # non-blocking: asyncio set it so
+        taken = 0
+        # Bounded: the dead process left at most a pipe's capacity; a descendant still
+        # writing gets no more than this before the pipe is closed on it.
+        while taken < DRAIN_BYTES and not self._distrusted:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:  # BlockingIOError: nothing more is there now
+                break
+            if not data:
+                break
+            taken += len(data)
+            self._on_data(data)
+
     def _on_gone(self) -> None:
+        if self._gone.done():
+            return
         if self._transport is not None:
             self._transport.close()
         self._drain_leftovers()
@@ -271,8 +389,7 @@ class ChildProcess:
                 how += " (perhaps by the kernel, out of memory)"
             self.error = f"The session's Python process {how}; its state was lost."
         self._fail_current(self.error)
-        if not self._gone.done():
-            self._gone.set_result(returncode)
+        self._gone.set_result(returncode)
 
     # --- ending -----------------------------------------------------------------------------
     def _signal_group(self, sig: signal.Signals) -> bool:
@@ -335,6 +452,7 @@ class ChildProcess:
             return "already-gone"
         outcome: EndOutcome = "exited"
         if self._stdin is not None:
+            self._ending = True  # the request pipe closing now is our doing
             self._stdin.close()  # EOF: the child exits by itself when idle
         for sig, next_outcome in ((signal.SIGTERM, "terminated"), (signal.SIGKILL, "killed")):
             try:
@@ -404,7 +522,14 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         if fd == 1:
             self._child._on_data(data)
 
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._child._on_pipe_lost(fd)
+
+    def process_exited(self) -> None:
+        # The end is the process's exit (a pidfd, or waitpid), not its pipes closing:
+        # a descendant can hold those open for ever.
+        self._child._on_exit()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        # Called once the process has exited *and* every pipe is closed, so no frame
-        # sent before the exit can still be in flight.
+        # The process exited and every pipe closed (usually _on_exit came first).
         self._child._on_gone()

@@ -6,6 +6,7 @@ replchild/wire.py, which the child uses too; this module re-exports it for the s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 # The layouts, private here: only the decoders below use them.
@@ -67,6 +68,9 @@ __all__ = [
     "FrameParser",
     "FrameTooLarge",
     "InputRequest",
+    "Malformed",
+    "check_display",
+    "decode_ready",
     "encode",
     "encode_exec",
     "encode_input_reply",
@@ -79,6 +83,10 @@ REASON_NAMES = {
     REASON_INTERRUPTED: "interrupted",
     REASON_MEMORY: "memory",
 }
+
+
+class Malformed(ValueError):
+    """A frame's payload does not have the layout of its type."""
 
 
 class FrameTooLarge(ValueError):
@@ -100,8 +108,13 @@ class InputRequest:
 
     @classmethod
     def decode(cls, payload: bytes) -> InputRequest:
+        """Raises Malformed unless the payload is a request number, known flags, UTF-8."""
+        if len(payload) < _INPUT.size:
+            raise Malformed(f"an input request of {len(payload)} bytes")
         number, flags = _INPUT.unpack_from(payload)
-        prompt = payload[_INPUT.size :].decode("utf-8", "replace")
+        if flags & ~INPUT_PASSWORD:
+            raise Malformed(f"an input request with unknown flags {flags:#x}")
+        prompt = _utf8(payload[_INPUT.size :], "an input prompt")
         return cls(number, prompt, bool(flags & INPUT_PASSWORD))
 
 
@@ -118,9 +131,38 @@ class Done:
 
     @classmethod
     def decode(cls, payload: bytes) -> Done:
+        """Raises Malformed unless the payload is the binary record, then a UTF-8 note."""
+        if len(payload) < _DONE.size:
+            raise Malformed(f"a completion record of {len(payload)} bytes")
         code, count, reason, cpu_us, peak = _DONE.unpack_from(payload)
-        note = payload[_DONE.size :].decode("utf-8", "replace")
-        return cls(code, count, REASON_NAMES.get(reason, "exception"), cpu_us, peak, note)
+        if reason not in REASON_NAMES:
+            raise Malformed(f"a completion record with unknown reason {reason}")
+        note = _utf8(payload[_DONE.size :], "a completion note")
+        return cls(code, count, REASON_NAMES[reason], cpu_us, peak, note)
+
+
+def decode_ready(payload: bytes) -> int:
+    """The pid a READY frame carries; Malformed unless it is 1-10 decimal digits, not 0."""
+    if not (0 < len(payload) <= 10 and payload.isdigit() and int(payload) > 0):
+        raise Malformed(f"a ready frame with {payload[:20]!r} for a pid")
+    return int(payload)
+
+
+def check_display(payload: bytes) -> None:
+    """Malformed unless a display's payload is a JSON object (a mime bundle)."""
+    try:
+        bundle = json.loads(payload)
+    except ValueError:  # includes UnicodeDecodeError
+        raise Malformed("a display that is not JSON") from None
+    if not isinstance(bundle, dict):
+        raise Malformed("a display that is not a JSON object")
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed(f"{what} that is not UTF-8") from None
 
 
 class FrameParser:

@@ -21,6 +21,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 RUNS_KEPT = 2  # per session: the running execution and the one before it
+# The watchdog ends an execution this long after its time limit and interrupt grace, if
+# nothing else has: the bound on how long any session stays busy.
+WATCHDOG_MARGIN_S = 1.0
 
 
 def _iso(timestamp: float) -> str:
@@ -137,6 +140,8 @@ class Session:
         limit = self._settings.timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
         self._timers.append(loop.call_later(limit, self._expire, execution, limit))
+        bound = limit + self._settings.interrupt_grace_s + WATCHDOG_MARGIN_S
+        self._timers.append(loop.call_later(bound, self._watchdog, execution, child, bound))
         self.last_active = time.time()
         restart, self._lost_state = self._lost_state, None
         run = Run(self.id, execution, self.execution_count, restart)
@@ -150,15 +155,17 @@ class Session:
             timer.cancel()
         self._timers.clear()
         execution, self._current = self._current, None
-        if execution is not None and self._metrics is not None:
-            self._metrics.execution_finished(execution)
-        child = self._child
-        if execution is not None and execution.stopped_by and child is not None and child.alive:
-            # A stop means everything the code was running: processes it started (a fork
-            # loop's copies born after the SIGINT, say) must not run on unseen.
-            child.kill_others()
-        self.last_active = time.time()
-        self._lock.release()
+        try:
+            if execution is not None and self._metrics is not None:
+                self._metrics.execution_finished(execution)
+            child = self._child
+            if execution is not None and execution.stopped_by and child and child.alive:
+                # A stop means everything the code was running: processes it started (a
+                # fork loop's copies born after the SIGINT, say) must not run on unseen.
+                child.kill_others()
+        finally:
+            self.last_active = time.time()
+            self._lock.release()  # whatever failed above, the session is free
 
     def answer_input(self, value: str) -> None:
         """Answer the input() the running code waits in; NoInputPending if it waits for none."""
@@ -202,6 +209,22 @@ class Session:
             f"The code did not stop within {grace_s:g} s of the interrupt, so the session's"
             " Python process was killed; the next request starts a fresh one"
             " (earlier state was lost)."
+        )
+
+    def _watchdog(self, execution: Execution, child: ChildProcess, bound_s: float) -> None:
+        """The last line: the time limit, the interrupt and the kill all failed to end the
+        execution, whatever the code did. End it and its processes, and free the session."""
+        if execution.outcome is not None:
+            return
+        log.error(
+            "session %s: %r still running after %g s: killing it", self.id, execution, bound_s
+        )
+        child.abandon(
+            execution,
+            f"The watchdog ended this execution: it was still running {bound_s:g} s after it"
+            " started, past its time limit and the interrupt's grace period, so the session's"
+            " Python process was killed; the next request starts a fresh one (earlier state"
+            " was lost).",
         )
 
     # --- the child ----------------------------------------------------------------------------

@@ -256,10 +256,11 @@ def test_done_decodes_runner_finish(return_code: int, reason: int, note: str, na
     assert done.cpu_us >= 0 and done.peak_rss_bytes > 1024 * 1024  # this process's VmHWM
 
 
-def test_done_unknown_reason_is_exception() -> None:
+def test_done_unknown_reason_is_malformed() -> None:
     payload = (1).to_bytes(4, "big", signed=True) + (3).to_bytes(4, "big") + bytes((99,))
     payload += bytes(16)  # CPU microseconds and peak RSS
-    assert protocol.Done.decode(payload).reason == "exception"
+    with pytest.raises(protocol.Malformed, match="unknown reason 99"):
+        protocol.Done.decode(payload)
 
 
 # --- a real child on raw pipes -------------------------------------------------------------
