@@ -77,6 +77,7 @@ async def start(
     *,
     prefix: Sequence[str] = (),
     log: Path | None = None,
+    python: str = sys.executable,
     **env: str,
 ) -> Replica:
     """Start `[prefix...] python -m replserver` with a clean REPL_* environment plus `env`."""
@@ -95,7 +96,7 @@ async def start(
     try:
         proc = await asyncio.create_subprocess_exec(
             *prefix,
-            sys.executable,
+            python,
             "-m",
             "replserver",
             cwd=REPO_ROOT,
