@@ -195,8 +195,13 @@ async def test_thread_output_after_completion_is_dropped(guarded: Client) -> Non
 @pytest.fixture
 async def server() -> AsyncIterator[servers.Replica]:
     """A real `python -m replserver` under the guards: its memory is its own, not pytest's."""
-    env = {f"REPL_{name.upper()}": str(int(value)) for name, value in GUARDS.items()}
-    replica = await servers.start(**env)
+    replica = await servers.start(
+        REPL_TIMEOUT_S=str(GUARDS["timeout_s"]),
+        REPL_INTERRUPT_GRACE_S=str(GUARDS["interrupt_grace_s"]),
+        REPL_LIMIT_MEMORY_BYTES=str(GUARDS["limit_memory_bytes"]),
+        REPL_MAX_OUTPUT_BYTES=str(GUARDS["max_output_bytes"]),
+        REPL_LIMIT_PROCESSES=str(GUARDS["limit_processes"]),
+    )
     try:
         await replica.wait_ready()
         yield replica
