@@ -1,8 +1,9 @@
 """At start-up, run one child under full confinement and see which layers really hold.
 
 Configured is not the same as in force: a container may refuse namespaces, a kernel may
-lack seccomp. The probe child reports what it observes from the inside, and /health shows
-that, not the configuration.
+lack seccomp. The probe child reports what it observes from the inside (its uid, groups,
+/proc ownership, sockets, network namespace, directory, root, rlimits, environment and
+cgroup), and /health shows that, not the configuration.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 from contextlib import aclosing
 
+from .child import child_environment
 from .errors import ChildStartError
 from .execution import T_STDOUT
 from .isolation import Isolation, Layers
@@ -34,6 +36,13 @@ except PermissionError:
 seen["netns"] = os.readlink("/proc/self/ns/net")
 seen["cwdMode"] = oct(os.stat(".").st_mode & 0o777)
 seen["rootReadOnly"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+import resource
+seen["rlimits"] = {
+    name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
+    for name in ("as", "cpu", "fsize", "nofile", "nproc")
+}
+seen["environ"] = sorted(os.environ)
+seen["cgroups"] = open("/proc/self/cgroup").read()
 print(json.dumps(seen))
 """
 
@@ -54,6 +63,14 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
     layers.seccomp = seen["inet"] == "refused"
     layers.private_workdir = seen["cwdMode"] == "0o700"
     layers.bubblewrap = isolation.bwrap is not None and seen["rootReadOnly"]
+    layers.rlimits = all(
+        seen["rlimits"][name] == [limit, limit] for name, limit in settings.rlimits.items()
+    )
+    # Only what the server put there: the variables it passes, less those the runner
+    # consumes at start-up.
+    layers.minimal_environment = set(seen["environ"]) <= set(child_environment(settings))
+    tree = isolation.cgroups
+    layers.pids_cgroup = tree is not None and f"/{tree.base.name}/child-" in seen["cgroups"]
     log.info("isolation in force: %s", layers.as_json())
     missing = missing_layers(settings, isolation)
     if missing:

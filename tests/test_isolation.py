@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from replserver.routes import ISOLATION
+
 from .conftest import MakeClient, execute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -451,3 +453,24 @@ async def test_servers_on_one_host_never_share_a_uid() -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_layers_are_observed_not_configured(make_client: MakeClient, tmp_path: Path) -> None:
+    # A runner that skips its rlimits and keeps a variable of its own: the probe child
+    # reports what it finds, so /health shows both layers missing although configured.
+    for name in ("runner_child.py", "runner_repl.py"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    runner = tmp_path / "runner_child.py"
+    source = runner.read_text()
+    applied = 'apply_limits(os.environ.pop("REPL_RLIMITS", ""))'
+    assert applied in source
+    runner.write_text(source.replace(applied, 'os.environ["SMUGGLED"] = "1"'))
+    client = await make_client(runner_path=str(runner), cgroups="off")
+    layers = (await (await client.get("/health")).json())["isolation"]
+    assert layers["rlimits"] is False and layers["minimalEnvironment"] is False, layers
+    assert layers["pidsCgroup"] is False  # REPL_CGROUPS=off
+    honest = await make_client()
+    layers = (await (await honest.get("/health")).json())["isolation"]
+    assert layers["rlimits"] is True and layers["minimalEnvironment"] is True, layers
+    # In its cgroup exactly when the server could make one (seen from the inside).
+    assert layers["pidsCgroup"] is (honest.app[ISOLATION].cgroups is not None), layers
