@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -25,6 +26,7 @@ import pytest
 
 from replserver.routes import ISOLATION
 
+from . import servers
 from .conftest import MakeClient, execute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -474,3 +476,97 @@ async def test_layers_are_observed_not_configured(make_client: MakeClient, tmp_p
     assert layers["rlimits"] is True and layers["minimalEnvironment"] is True, layers
     # In its cgroup exactly when the server could make one (seen from the inside).
     assert layers["pidsCgroup"] is (honest.app[ISOLATION].cgroups is not None), layers
+
+
+async def test_ptrace_of_another_sessions_child_is_refused(target: Target) -> None:
+    # Another uid (root server), or the same uid but non-dumpable (non-root server).
+    victim = int(await target.out("traced", "import os\nmarker = 1\nprint(os.getpid())"))
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"if libc.ptrace(16, {victim}, 0, 0) == 0:  # PTRACE_ATTACH\n"
+        f"    libc.ptrace(17, {victim}, 0, 0)  # PTRACE_DETACH\n"
+        "    print('ATTACHED')\n"
+        "else:\n"
+        "    print('errno', ctypes.get_errno())"
+    )
+    assert await target.out("tracer", code) == "errno 1\n"  # EPERM
+    assert await target.out("traced", "print(marker)") == "1\n"
+
+
+CHILD_ENVIRONMENT = ["HOME", "LANG", "LC_ALL", "MPLBACKEND", "PATH", "PYTHONIOENCODING", "TMPDIR"]
+
+
+async def test_child_environment_is_the_documented_minimum(target: Target) -> None:
+    out = await target.out("env", "import os\nprint(sorted(os.environ))")
+    assert ast.literal_eval(out) == CHILD_ENVIRONMENT
+
+
+async def test_abstract_unix_sockets_of_other_sessions_are_out_of_reach(target: Target) -> None:
+    target.require("networkNamespace", "abstract sockets are per network namespace")
+    name = "replserver-test-" + secrets.token_hex(4)
+    listen = (
+        "import socket\nserver = socket.socket(socket.AF_UNIX)\n"
+        f"server.bind('\\0{name}')\nserver.listen()\nprint('listening')"
+    )
+    assert await target.out("host", listen) == "listening\n"
+    connect = (
+        "import socket\ntry:\n"
+        f"    socket.socket(socket.AF_UNIX).connect('\\0{name}')\n    print('CONNECTED')\n"
+        "except OSError as exc:\n    print(type(exc).__name__)"
+    )
+    assert await target.out("host", connect) == "CONNECTED\n"  # the session's own: reachable
+    assert await target.out("guest", connect) == "ConnectionRefusedError\n"
+
+
+async def test_seccomp_refuses_io_uring_and_other_abis(target: Target) -> None:
+    target.require("seccomp", "the filter could not be installed")
+    if platform.machine() != "x86_64":
+        pytest.skip("the x32 check is for x86_64; the io_uring number is shared")
+    # Unfiltered, these fail otherwise: EFAULT (no params) and ENOSYS (x32 off).
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for number in (425, 0x40000000 | 39):  # io_uring_setup, x32 getpid\n"
+        "    print(libc.syscall(number, 1, 0), ctypes.get_errno())"
+    )
+    assert await target.out("uring", code) == "-1 1\n-1 1\n"  # EPERM from the filter
+
+
+async def test_uid_is_reused_only_after_its_processes_are_gone(make_client: MakeClient) -> None:
+    """Without a cgroup, what left the process group is found by its uid and killed."""
+    if os.geteuid() != 0:
+        pytest.skip("uids are handed out only by a root server")
+    client = await make_client(cgroups="off", uid_range="63960-63961", pool_size=0)
+    code = "import os, subprocess\nq = subprocess.Popen(['setsid', 'sleep', '60'])\nprint(q.pid)"
+    escaped = int((await execute(client, "one", code))["output"])
+    assert not servers.pid_gone(escaped)
+    assert (await client.post("/reset/one")).status == 200
+    # Out of the child's process group, in no cgroup: only the scan for its uid finds it,
+    # and that uid is given back only after.
+    async with asyncio.timeout(10):
+        while not servers.pid_gone(escaped):
+            await asyncio.sleep(0.02)  # polling against the deadline above
+
+
+async def test_cap_setuid_without_root_gives_no_uid_separation(tmp_path: Path) -> None:
+    """Uid separation needs euid 0: a server as nobody holding CAP_SETUID and CAP_SETGID
+    (ambient, as a capability-granting launcher leaves it) still runs children as itself."""
+    if os.geteuid() != 0 or shutil.which("capsh") is None:
+        pytest.skip("needs root and capsh (libcap2-bin) to start a server as nobody with caps")
+    caps = ["--caps=cap_setuid,cap_setgid+eip cap_setpcap+ep", "--keep=1", "--user=nobody"]
+    prefix = ["capsh", *caps, "--addamb=cap_setuid,cap_setgid", "--", "-c", 'exec "$@"', "sh"]
+    replica = await servers.start(prefix=prefix, log=tmp_path / "server.log")
+    try:
+        await replica.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{replica.base}/health") as resp:
+                layers = (await resp.json())["isolation"]
+            code = "import os\nprint(os.getuid(), open('/proc/self/status').read().count('CapAmb'))"
+            async with http.post(f"{replica.base}/execute/c", json={"code": code}) as resp:
+                reply = await resp.json()
+            server_status = Path(f"/proc/{replica.proc.pid}/status").read_text()
+    finally:
+        await replica.kill()
+    assert "CapEff:\t00000000000000c0" in server_status  # it held both capabilities
+    assert layers["uidSeparation"] is False, layers
+    assert reply["output"].split()[0] == str(NOBODY), reply

@@ -302,10 +302,11 @@ async def test_rlimits_are_in_place(guarded: Client) -> None:
         "import resource\n"
         "print(resource.getrlimit(resource.RLIMIT_AS)[0],"
         " resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
-        " resource.getrlimit(resource.RLIMIT_CPU)[0])"
+        " resource.getrlimit(resource.RLIMIT_CPU)[0],"
+        " resource.getrlimit(resource.RLIMIT_NPROC)[0])"
     )
     reply = await execute(guarded, "rl", code)
-    assert reply["output"].split() == [str(512 * 1024 * 1024), "1024", "3600"]
+    assert reply["output"].split() == [str(512 * 1024 * 1024), "1024", "3600", "64"]
 
 
 async def test_reset_kills_the_whole_process_group(guarded: Client) -> None:
