@@ -420,7 +420,8 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
         "    except OSError as exc:\n"
         "        print(type(exc).__name__)\n"
         f"open('/tmp/{marker}', 'w').write('private')\n"
-        "print(sorted(os.listdir(os.path.dirname(os.getcwd()))))"
+        "print(sorted(os.listdir(os.path.dirname(os.getcwd()))))\n"
+        "print(max(int(p) for p in os.listdir('/proc') if p.isdigit()))"
     )
     await execute(client, "neighbour", "print(1)")  # its directory exists beside ours
     reply = await execute(client, "boxed", code)
@@ -431,6 +432,8 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
     # Beside its own directory it sees the runner it executes, and no other session's.
     listing = ast.literal_eval(lines[3])
     assert len(listing) == 2 and "runner" in listing, listing
+    # Its own pid namespace: it sees bubblewrap's init and itself, no process of the host.
+    assert int(lines[4]) < 10, lines
 
 
 async def test_servers_on_one_host_never_share_a_uid() -> None:
@@ -570,3 +573,16 @@ async def test_cap_setuid_without_root_gives_no_uid_separation(tmp_path: Path) -
     assert "CapEff:\t00000000000000c0" in server_status  # it held both capabilities
     assert layers["uidSeparation"] is False, layers
     assert reply["output"].split()[0] == str(NOBODY), reply
+
+
+async def test_session_directories_go_at_eviction_and_shutdown(make_client: MakeClient) -> None:
+    client = await make_client(max_sessions=1)
+    where = "import os\nprint(os.getcwd())"
+    first = Path((await execute(client, "first", where))["output"].strip())
+    second = Path((await execute(client, "second", where))["output"].strip())  # evicts first
+    async with asyncio.timeout(5):
+        while first.exists():
+            await asyncio.sleep(0.02)  # polling against the deadline above
+    assert second.is_dir()
+    await client.close()  # the application's cleanup, as at shutdown
+    assert not second.exists() and not second.parent.exists()
