@@ -27,7 +27,7 @@ import pytest
 from replserver.routes import ISOLATION
 
 from . import servers
-from .conftest import MakeClient, execute
+from .conftest import MakeClient, execute, wait_for_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -395,7 +395,8 @@ async def test_session_cap_evicts_idle_then_refuses(make_client: MakeClient) -> 
     assert again["output"] == "gone\n" and again["restarted"] is True  # evicts b
     # Both live sessions busy: a third id is refused until one is free.
     busy = [asyncio.create_task(execute(client, sid, "import time\ntime.sleep(1)")) for sid in "ac"]
-    await asyncio.sleep(0.3)
+    for sid in "ac":
+        await wait_for_session(client, sid, lambda info: info["running"])
     refused = await client.post("/execute/d", json={"code": "1"})
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     assert "busy" in (await refused.json())["detail"]
