@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 
 from replserver.child import ChildProcess
 from replserver.errors import ChildStartError
-from replserver.isolation import Isolation
+from replserver.isolation import Isolation, hidden_part
 
 from . import servers
 from .conftest import MakeClient, execute
@@ -34,11 +35,12 @@ needs_root = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def hidden_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def hidden_python() -> Iterator[Path]:
     """A venv python with this test run's packages, whose base Python is a copy: both
-    reached only through a 0700 directory, as /root/.pyenv/... is."""
-    private = tmp_path_factory.mktemp("private")
-    private.chmod(0o700)
+    reached only through a 0700 directory, as /root/.pyenv/... is. That directory sits
+    in /tmp, which everyone may search: it is the one thing in the way."""
+    private = Path(tempfile.mkdtemp(prefix="replserver-private-"))  # mode 0700
+    assert private.stat().st_mode & 0o777 == 0o700
     base = private / "base"
     (base / "bin").mkdir(parents=True)
     real = os.path.realpath(sys.executable)
@@ -53,6 +55,7 @@ def hidden_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         f"home = {base / 'bin'}\ninclude-system-site-packages = false\n"
     )
     yield env / "bin" / "python"
+    shutil.rmtree(private)
 
 
 def held_uids(first: int, last: int) -> list[int]:
@@ -104,7 +107,7 @@ async def test_unrunnable_interpreter_runs_children_as_the_server(
     assert layers["uidSeparation"] is False
     note = next(n for n in layers["notes"] if "cannot execute" in n)
     assert str(hidden_python) in note and "outside /root" in note, note
-    assert str(hidden_python.parents[2]) in note  # names the closed directory
+    assert f"({hidden_python.parents[2]} is closed to other users)" in note, note
     # As for a non-root server: children run as the server's own user, with its Python.
     assert reply["output"] == f"0 {hidden_python}\n", reply
     text = log.read_text()
@@ -148,14 +151,17 @@ async def test_unreadable_venv_falls_back_to_a_readable_base(
 ) -> None:
     # The venv is hidden, but the server's own base Python is readable: children keep
     # their own uids and run that one (without the venv's packages, which they need not).
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    base = os.path.realpath(f"{sys.base_prefix}/bin/{version}")
+    if hidden_part(base):
+        pytest.skip(f"this run's own base Python ({base}) is closed to other users too")
     client = await make_client(python=str(hidden_python))
     layers = (await (await client.get("/health")).json())["isolation"]
     assert layers["uidSeparation"] is True, layers
     assert any("environment is unreadable" in note for note in layers["notes"]), layers
     reply = await execute(client, "base", "import os, sys\nprint(os.getuid(), sys.executable)")
     uid, executable = reply["output"].split()
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    assert uid != "0" and executable == os.path.realpath(f"{sys.base_prefix}/bin/{version}")
+    assert uid != "0" and executable == base
 
 
 UID_RANGE = (63970, 63972)
