@@ -26,7 +26,13 @@ def _cors_defaults(settings: Settings) -> dict[str, aiohttp_cors.ResourceOptions
 
 
 async def _start(app: web.Application) -> None:
-    await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
+    try:
+        await probe.verify(app[routes.SETTINGS], app[routes.ISOLATION])
+    except BaseException:
+        # aiohttp runs no cleanup after a failed start-up: directories, uid locks and
+        # cgroups go now, or outlive the server.
+        await app[routes.MANAGER].close_all()
+        raise
     app[routes.MANAGER].start()
 
 

@@ -10,6 +10,7 @@ and /health says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -88,6 +89,8 @@ class CgroupTree:
                 (path / "pids.max").write_text(str(limit))
         except OSError as exc:
             log.warning("could not create %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.rmdir()  # made, but without its limit (EMFILE): not left behind
             return None
         return ChildCgroup(path)
 

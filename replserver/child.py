@@ -117,8 +117,16 @@ class ChildProcess:
         else:
             argv = [python, "-I", settings.runner_path]
         home = str(lease.workdir) if lease is not None else "/tmp"
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        pipes: list[int] = []
+        try:
+            for _ in range(2):
+                pipes.extend(os.pipe())
+        except OSError as exc:  # EMFILE: neither these descriptors nor the lease may leak
+            for fd in pipes:
+                os.close(fd)
+            await child._release()
+            raise ChildStartError(f"could not start the Python process: {exc}") from exc
+        out_r, out_w, err_r, err_w = pipes
         os.set_blocking(out_r, False)  # the draining after a death must never wait
         os.set_blocking(err_r, False)
         fds = (out_r, out_w, err_r, err_w)
@@ -473,7 +481,7 @@ class ChildProcess:
     async def _release(self) -> None:
         lease, self._lease = self._lease, None
         if lease is not None and self._isolation is not None:
-            await self._isolation.release(lease)
+            await self._isolation.release(lease, started=self.pid != 0)
 
 
 _OUTPUT_FRAMES = frozenset(

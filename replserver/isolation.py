@@ -9,6 +9,7 @@ child is dead, so a uid or directory is never handed on while something still us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -16,6 +17,7 @@ import py_compile
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -79,6 +81,10 @@ class Isolation:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.root = os.geteuid() == 0
+        # Whether each child gets a uid of its own: needs euid 0 (CAP_SETUID alone does not
+        # make a server "root" here), and an interpreter that those uids can execute.
+        self.separate_uids = self.root
+        self.uid_separation_problem = "the server must run as root to drop privileges"
         make_undumpable()
         first, last = settings.uids
         self._free_uids = list(range(last, first - 1, -1)) if self.root else []
@@ -130,10 +136,16 @@ class Isolation:
     def fall_back_to_base_python(self) -> bool:
         """The children's uid cannot run the configured interpreter (a virtual environment
         under a private home, say): use the interpreter it links to, without the venv's
-        packages. False if there is nothing else to try."""
-        candidates = (self.python, getattr(sys, "_base_executable", ""))
-        real = next((r for c in candidates if c and (r := os.path.realpath(c)) != self.python), "")
-        if not real:
+        packages, if other users can reach that one. False if there is nothing to try."""
+        if not self.separate_uids:
+            return False
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = (self.python, os.path.join(sys.base_prefix, "bin", version))
+        for candidate in map(os.path.realpath, candidates):
+            if candidate != self.python and not hidden_part(candidate):
+                real = candidate
+                break
+        else:
             return False
         log.warning(
             "children cannot run %s as their uid; using %s (without that environment's"
@@ -145,12 +157,25 @@ class Isolation:
         self.layers.notes.append(f"children run {real}: the server's environment is unreadable")
         return True
 
+    def run_children_as_server(self) -> bool:
+        """The children's uid cannot run the interpreter at all (a Python under the 0700
+        /root, as pyenv installs it): children run as the server's own uid from now on, as
+        under a non-root server, and /health says why. False if they already do."""
+        if not self.separate_uids:
+            return False
+        self.separate_uids = False
+        self.uid_separation_problem = unreachable_interpreter(self.python)
+        self.layers.uid_separation = False  # the probe's report says so, in its notes
+        if not self._settings.require_isolation:  # else start-up fails with this reason
+            log.warning("uid separation is off: %s", self.uid_separation_problem)
+        return True
+
     def __repr__(self) -> str:
         return f"<Isolation root={self.root} free_uids={len(self._free_uids)} {self.cgroups!r}>"
 
     def lease(self) -> Lease:
         """Everything one new child needs; raises ChildStartError when uids run out."""
-        uid = self._take_uid() if self.root else None
+        uid = self._take_uid() if self.separate_uids else None
         workdir = self.work_base / f"s-{secrets.token_hex(8)}"
         try:
             workdir.mkdir(mode=0o700)
@@ -186,16 +211,24 @@ class Isolation:
             *child,
         ]
 
-    async def release(self, lease: Lease) -> None:
-        """Give the lease back once the child's processes are gone (or make them so)."""
+    async def release(self, lease: Lease, *, started: bool = True) -> None:
+        """Give the lease back once the child's processes are gone (or make them so).
+        `started`: False if no process ever ran under it (a start that failed before)."""
+        uid_free = lease.uid is not None
         if lease.cgroup is not None:
             await lease.cgroup.destroy()
-        elif lease.uid is not None:
+        elif lease.uid is not None and started:
             # Without a cgroup, a process that left the child's process group (setsid)
             # could still run as this uid: kill everything of the uid before reusing it.
-            await asyncio.to_thread(_kill_uid, lease.uid)
-        await asyncio.to_thread(shutil.rmtree, lease.workdir, True)
-        if lease.uid is not None:
+            try:
+                await asyncio.to_thread(_kill_uid, lease.uid)
+            except OSError as exc:  # EMFILE: /proc cannot be read, the uid may be in use
+                log.error(
+                    "uid %d is not reused: its processes were not checked: %s", lease.uid, exc
+                )
+                uid_free = False
+        await asyncio.to_thread(_remove_workdir, lease.workdir)
+        if uid_free and lease.uid is not None:
             self._give_back_uid(lease.uid)
 
     def _take_uid(self) -> int:
@@ -209,9 +242,13 @@ class Isolation:
         try:
             while self._free_uids:
                 uid = self._free_uids.pop()
-                fd = os.open(
-                    self._uid_lock_dir / str(uid), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
-                )
+                try:
+                    fd = os.open(
+                        self._uid_lock_dir / str(uid), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600
+                    )
+                except OSError as exc:  # EMFILE, say: the uid is not taken, nor lost
+                    self._free_uids.append(uid)
+                    raise ChildStartError(f"could not lock a uid for a new session: {exc}") from exc
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -268,6 +305,40 @@ def install_runner(source: str, directory: Path) -> str:
         copy.chmod(0o644)
         py_compile.compile(str(copy), doraise=True)
     return str(directory / "runner_child.py")
+
+
+def _remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    # rmtree needs a descriptor per level; out of them (EMFILE, the very reason a spawn may
+    # have failed), an empty directory still goes with a plain rmdir.
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def hidden_part(path: str) -> str:
+    """The first directory on the way to `path` (or `path` itself) that an unprivileged
+    user with no groups cannot search or execute; "" if there is none."""
+    real = Path(os.path.realpath(path))
+    for part in (*reversed(real.parents), real):
+        try:
+            mode = part.stat().st_mode
+        except OSError:
+            return str(part)
+        if not mode & stat.S_IXOTH:
+            return str(part)
+    return ""
+
+
+def unreachable_interpreter(python: str) -> str:
+    """Why children run without uid separation, and how to fix it (for /health and the log)."""
+    blocker = hidden_part(python)
+    where = f" ({blocker} is closed to other users)" if blocker else ""
+    return (
+        f"the children's uids cannot execute {python}{where}, so they run as the server's"
+        " own user; to fix it, install replserver with a Python"
+        " outside /root (e.g. /usr/bin/python3 -m venv /opt/replserver) or make this one"
+        " readable and executable by other users"
+    )
 
 
 CAP_SYS_ADMIN = 21

@@ -1,8 +1,9 @@
 """At start-up, run one child under full confinement and see which layers really hold.
 
 Configured is not the same as in force: a container may refuse namespaces, a kernel may
-lack seccomp. The probe child reports what it observes from the inside, and /health shows
-that, not the configuration.
+lack seccomp. The probe child reports what it observes from the inside (its uid, groups,
+/proc ownership, sockets, network namespace, directory, root, rlimits, environment and
+cgroup), and /health shows that, not the configuration.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 from contextlib import aclosing
 
+from .child import child_environment
 from .errors import ChildStartError
 from .execution import T_STDOUT
 from .isolation import Isolation, Layers
@@ -34,6 +36,13 @@ except PermissionError:
 seen["netns"] = os.readlink("/proc/self/ns/net")
 seen["cwdMode"] = oct(os.stat(".").st_mode & 0o777)
 seen["rootReadOnly"] = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+import resource
+seen["rlimits"] = {
+    name: resource.getrlimit(getattr(resource, "RLIMIT_" + name.upper()))
+    for name in ("as", "cpu", "fsize", "nofile", "nproc")
+}
+seen["environ"] = sorted(os.environ)
+seen["cgroups"] = open("/proc/self/cgroup").read()
 print(json.dumps(seen))
 """
 
@@ -42,12 +51,7 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
     """Update isolation.layers from what a confined child observes; raise if required
     layers are missing (REPL_REQUIRE_ISOLATION)."""
     layers = isolation.layers
-    try:
-        out = await _run_probe(settings, isolation)
-    except ChildStartError as exc:
-        if "Permission denied" not in str(exc) or not isolation.fall_back_to_base_python():
-            raise RuntimeError(f"cannot start a confined child: {exc}") from exc
-        out = await _run_probe(settings, isolation)
+    out = await _run_probe_until_it_starts(settings, isolation)
     try:
         seen = json.loads(out)
     except ValueError:
@@ -59,8 +63,16 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
     layers.seccomp = seen["inet"] == "refused"
     layers.private_workdir = seen["cwdMode"] == "0o700"
     layers.bubblewrap = isolation.bwrap is not None and seen["rootReadOnly"]
+    layers.rlimits = all(
+        seen["rlimits"][name] == [limit, limit] for name, limit in settings.rlimits.items()
+    )
+    # Only what the server put there: the variables it passes, less those the runner
+    # consumes at start-up.
+    layers.minimal_environment = set(seen["environ"]) <= set(child_environment(settings))
+    tree = isolation.cgroups
+    layers.pids_cgroup = tree is not None and f"/{tree.base.name}/child-" in seen["cgroups"]
     log.info("isolation in force: %s", layers.as_json())
-    missing = missing_layers(settings, layers)
+    missing = missing_layers(settings, isolation)
     if missing:
         message = "required isolation layers are not in force: " + ", ".join(missing)
         if settings.require_isolation:
@@ -68,6 +80,19 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
         log.warning("%s", message)
         layers.notes.append(message)
     return layers
+
+
+async def _run_probe_until_it_starts(settings: Settings, isolation: Isolation) -> bytes:
+    """The probe's output; when the children's uid may not execute the interpreter, try
+    the one it links to, then the server's own uid (RuntimeError once nothing is left)."""
+    remedies = iter((isolation.fall_back_to_base_python, isolation.run_children_as_server))
+    while True:
+        try:
+            return await _run_probe(settings, isolation)
+        except ChildStartError as exc:
+            denied = isinstance(exc.__cause__, PermissionError)
+            if not denied or not any(remedy() for remedy in remedies):
+                raise RuntimeError(f"cannot start a confined child: {exc}") from None
 
 
 async def _run_probe(settings: Settings, isolation: Isolation) -> bytes:
@@ -87,11 +112,12 @@ async def _run_probe(settings: Settings, isolation: Isolation) -> bytes:
         await pool.close()
 
 
-def missing_layers(settings: Settings, layers: Layers) -> list[str]:
+def missing_layers(settings: Settings, isolation: Isolation) -> list[str]:
     """The configured layers that the probe did not find in force."""
+    layers = isolation.layers
     missing = []
     if not layers.uid_separation:
-        missing.append("uid separation (the server must run as root to drop privileges)")
+        missing.append(f"uid separation ({isolation.uid_separation_problem})")
     if not layers.non_dumpable:
         missing.append("non-dumpable children")
     if settings.network == "none" and not (layers.network_namespace or layers.seccomp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -70,3 +71,18 @@ async def stream(
     assert resp.status == 200, await resp.text()
     assert resp.content_type == "text/event-stream"
     return parse_sse(await resp.text())
+
+
+async def wait_for_session(
+    client: Client, sid: str, ready: Callable[[dict[str, Any]], bool], within_s: float = 10
+) -> dict[str, Any]:
+    """Poll GET /sessions/{sid} until `ready` holds for what it reports (synchronisation by
+    state, against a deadline, never by a nap)."""
+    async with asyncio.timeout(within_s):
+        while True:
+            resp = await client.get(f"/sessions/{sid}")
+            if resp.status == 200:
+                info: dict[str, Any] = await resp.json()
+                if ready(info):
+                    return info
+            await asyncio.sleep(0.01)

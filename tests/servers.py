@@ -86,6 +86,7 @@ async def start(
     prefix: Sequence[str] = (),
     log: Path | None = None,
     slow_callback_s: float | None = None,
+    python: str = sys.executable,
     **env: str,
 ) -> Replica:
     """Start `[prefix...] python -m replserver` with a clean REPL_* environment plus `env`.
@@ -113,7 +114,7 @@ async def start(
     try:
         proc = await asyncio.create_subprocess_exec(
             *prefix,
-            sys.executable,
+            python,
             "-m",
             module,
             cwd=REPO_ROOT,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Client, execute, stream
+from .conftest import Client, execute, stream, wait_for_session
 
 ROUTES = ("/execute", "/execute-stream")
 
@@ -123,7 +123,7 @@ async def test_reset_waits_for_running_code(client: Client) -> None:
     sid = "reset-queue"
     await execute(client, sid, "x = 0")
     task = asyncio.create_task(execute(client, sid, "import time\ntime.sleep(0.3)\nx = 1"))
-    await asyncio.sleep(0.1)
+    await wait_for_session(client, sid, lambda info: info["executionCount"] == 2)  # sent
     async with asyncio.timeout(10):
         resp = await client.post(f"/reset/{sid}")
         assert resp.status == 200

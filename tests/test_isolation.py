@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -23,7 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import MakeClient, execute
+from replserver.routes import ISOLATION
+
+from . import servers
+from .conftest import MakeClient, execute, wait_for_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -391,7 +395,8 @@ async def test_session_cap_evicts_idle_then_refuses(make_client: MakeClient) -> 
     assert again["output"] == "gone\n" and again["restarted"] is True  # evicts b
     # Both live sessions busy: a third id is refused until one is free.
     busy = [asyncio.create_task(execute(client, sid, "import time\ntime.sleep(1)")) for sid in "ac"]
-    await asyncio.sleep(0.3)
+    for sid in "ac":
+        await wait_for_session(client, sid, lambda info: info["running"])
     refused = await client.post("/execute/d", json={"code": "1"})
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     assert "busy" in (await refused.json())["detail"]
@@ -416,7 +421,8 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
         "    except OSError as exc:\n"
         "        print(type(exc).__name__)\n"
         f"open('/tmp/{marker}', 'w').write('private')\n"
-        "print(sorted(os.listdir(os.path.dirname(os.getcwd()))))"
+        "print(sorted(os.listdir(os.path.dirname(os.getcwd()))))\n"
+        "print(max(int(p) for p in os.listdir('/proc') if p.isdigit()))"
     )
     await execute(client, "neighbour", "print(1)")  # its directory exists beside ours
     reply = await execute(client, "boxed", code)
@@ -427,6 +433,8 @@ async def test_bubblewrap_confines_writes_to_the_session_directory(make_client: 
     # Beside its own directory it sees the runner it executes, and no other session's.
     listing = ast.literal_eval(lines[3])
     assert len(listing) == 2 and "runner" in listing, listing
+    # Its own pid namespace: it sees bubblewrap's init and itself, no process of the host.
+    assert int(lines[4]) < 10, lines
 
 
 async def test_servers_on_one_host_never_share_a_uid() -> None:
@@ -451,3 +459,131 @@ async def test_servers_on_one_host_never_share_a_uid() -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_layers_are_observed_not_configured(make_client: MakeClient, tmp_path: Path) -> None:
+    # A runner that skips its rlimits and keeps a variable of its own: the probe child
+    # reports what it finds, so /health shows both layers missing although configured.
+    for name in ("runner_child.py", "runner_repl.py"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    runner = tmp_path / "runner_child.py"
+    source = runner.read_text()
+    applied = 'apply_limits(os.environ.pop("REPL_RLIMITS", ""))'
+    assert applied in source
+    runner.write_text(source.replace(applied, 'os.environ["SMUGGLED"] = "1"'))
+    client = await make_client(runner_path=str(runner), cgroups="off")
+    layers = (await (await client.get("/health")).json())["isolation"]
+    assert layers["rlimits"] is False and layers["minimalEnvironment"] is False, layers
+    assert layers["pidsCgroup"] is False  # REPL_CGROUPS=off
+    honest = await make_client()
+    layers = (await (await honest.get("/health")).json())["isolation"]
+    assert layers["rlimits"] is True and layers["minimalEnvironment"] is True, layers
+    # In its cgroup exactly when the server could make one (seen from the inside).
+    assert layers["pidsCgroup"] is (honest.app[ISOLATION].cgroups is not None), layers
+
+
+async def test_ptrace_of_another_sessions_child_is_refused(target: Target) -> None:
+    # Another uid (root server), or the same uid but non-dumpable (non-root server).
+    victim = int(await target.out("traced", "import os\nmarker = 1\nprint(os.getpid())"))
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"if libc.ptrace(16, {victim}, 0, 0) == 0:  # PTRACE_ATTACH\n"
+        f"    libc.ptrace(17, {victim}, 0, 0)  # PTRACE_DETACH\n"
+        "    print('ATTACHED')\n"
+        "else:\n"
+        "    print('errno', ctypes.get_errno())"
+    )
+    assert await target.out("tracer", code) == "errno 1\n"  # EPERM
+    assert await target.out("traced", "print(marker)") == "1\n"
+
+
+CHILD_ENVIRONMENT = ["HOME", "LANG", "LC_ALL", "MPLBACKEND", "PATH", "PYTHONIOENCODING", "TMPDIR"]
+
+
+async def test_child_environment_is_the_documented_minimum(target: Target) -> None:
+    out = await target.out("env", "import os\nprint(sorted(os.environ))")
+    assert ast.literal_eval(out) == CHILD_ENVIRONMENT
+
+
+async def test_abstract_unix_sockets_of_other_sessions_are_out_of_reach(target: Target) -> None:
+    target.require("networkNamespace", "abstract sockets are per network namespace")
+    name = "replserver-test-" + secrets.token_hex(4)
+    listen = (
+        "import socket\nserver = socket.socket(socket.AF_UNIX)\n"
+        f"server.bind('\\0{name}')\nserver.listen()\nprint('listening')"
+    )
+    assert await target.out("host", listen) == "listening\n"
+    connect = (
+        "import socket\ntry:\n"
+        f"    socket.socket(socket.AF_UNIX).connect('\\0{name}')\n    print('CONNECTED')\n"
+        "except OSError as exc:\n    print(type(exc).__name__)"
+    )
+    assert await target.out("host", connect) == "CONNECTED\n"  # the session's own: reachable
+    assert await target.out("guest", connect) == "ConnectionRefusedError\n"
+
+
+async def test_seccomp_refuses_io_uring_and_other_abis(target: Target) -> None:
+    target.require("seccomp", "the filter could not be installed")
+    if platform.machine() != "x86_64":
+        pytest.skip("the x32 check is for x86_64; the io_uring number is shared")
+    # Unfiltered, these fail otherwise: EFAULT (no params) and ENOSYS (x32 off).
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for number in (425, 0x40000000 | 39):  # io_uring_setup, x32 getpid\n"
+        "    print(libc.syscall(number, 1, 0), ctypes.get_errno())"
+    )
+    assert await target.out("uring", code) == "-1 1\n-1 1\n"  # EPERM from the filter
+
+
+async def test_uid_is_reused_only_after_its_processes_are_gone(make_client: MakeClient) -> None:
+    """Without a cgroup, what left the process group is found by its uid and killed."""
+    if os.geteuid() != 0:
+        pytest.skip("uids are handed out only by a root server")
+    client = await make_client(cgroups="off", uid_range="63960-63961", pool_size=0)
+    code = "import os, subprocess\nq = subprocess.Popen(['setsid', 'sleep', '60'])\nprint(q.pid)"
+    escaped = int((await execute(client, "one", code))["output"])
+    assert not servers.pid_gone(escaped)
+    assert (await client.post("/reset/one")).status == 200
+    # Out of the child's process group, in no cgroup: only the scan for its uid finds it,
+    # and that uid is given back only after.
+    async with asyncio.timeout(10):
+        while not servers.pid_gone(escaped):
+            await asyncio.sleep(0.02)  # polling against the deadline above
+
+
+async def test_cap_setuid_without_root_gives_no_uid_separation(tmp_path: Path) -> None:
+    """Uid separation needs euid 0: a server as nobody holding CAP_SETUID and CAP_SETGID
+    (ambient, as a capability-granting launcher leaves it) still runs children as itself."""
+    if os.geteuid() != 0 or shutil.which("capsh") is None:
+        pytest.skip("needs root and capsh (libcap2-bin) to start a server as nobody with caps")
+    caps = ["--caps=cap_setuid,cap_setgid+eip cap_setpcap+ep", "--keep=1", "--user=nobody"]
+    prefix = ["capsh", *caps, "--addamb=cap_setuid,cap_setgid", "--", "-c", 'exec "$@"', "sh"]
+    replica = await servers.start(prefix=prefix, log=tmp_path / "server.log")
+    try:
+        await replica.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{replica.base}/health") as resp:
+                layers = (await resp.json())["isolation"]
+            code = "import os\nprint(os.getuid(), open('/proc/self/status').read().count('CapAmb'))"
+            async with http.post(f"{replica.base}/execute/c", json={"code": code}) as resp:
+                reply = await resp.json()
+            server_status = Path(f"/proc/{replica.proc.pid}/status").read_text()
+    finally:
+        await replica.kill()
+    assert "CapEff:\t00000000000000c0" in server_status  # it held both capabilities
+    assert layers["uidSeparation"] is False, layers
+    assert reply["output"].split()[0] == str(NOBODY), reply
+
+
+async def test_session_directories_go_at_eviction_and_shutdown(make_client: MakeClient) -> None:
+    client = await make_client(max_sessions=1)
+    where = "import os\nprint(os.getcwd())"
+    first = Path((await execute(client, "first", where))["output"].strip())
+    second = Path((await execute(client, "second", where))["output"].strip())  # evicts first
+    async with asyncio.timeout(5):
+        while first.exists():
+            await asyncio.sleep(0.02)  # polling against the deadline above
+    assert second.is_dir()
+    await client.close()  # the application's cleanup, as at shutdown
+    assert not second.exists() and not second.parent.exists()

@@ -185,7 +185,13 @@ async def test_sigterm_tells_a_running_execution_why_it_ended() -> None:
         reply = asyncio.ensure_future(
             server.http.post(url, json={"code": "import time\ntime.sleep(60)"})
         )
-        await asyncio.sleep(0.5)  # the child has started and runs the sleep
+        # Until the code has been sent to the child (a deadline, not a nap).
+        async with asyncio.timeout(10):
+            while True:
+                async with server.http.get(f"{server.base}/sessions/busy") as info:
+                    if info.status == 200 and (await info.json())["executionCount"] == 1:
+                        break
+                await asyncio.sleep(0.01)
         server.proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(5):
             resp = await reply

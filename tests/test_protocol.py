@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
+import struct
 import sys
+import termios
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -287,6 +290,18 @@ class RawChild:
         assert self.proc.stdin is not None
         self.proc.stdin.write(data)
 
+    async def drained(self, within_s: float = 5) -> None:
+        """Until the child has read all that was sent (nothing left in its stdin pipe)."""
+        assert self.proc.stdin is not None
+        await self.proc.stdin.drain()
+        pipe = self.proc.stdin.transport.get_extra_info("pipe")
+        async with asyncio.timeout(within_s):
+            while (
+                self.proc.stdin.transport.get_write_buffer_size()
+                or struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            ):
+                await asyncio.sleep(0.005)  # polling against the deadline above
+
     async def run(self, code: str) -> tuple[bytes, bytes, protocol.Done]:
         self.send(protocol.encode_exec(code))
         out, err = bytearray(), bytearray()
@@ -452,8 +467,8 @@ async def test_child_exits_when_stdin_closes() -> None:
 
 async def test_child_exits_when_stdin_closes_while_busy() -> None:
     async with raw_child() as child:
-        child.send(protocol.encode_exec("import time\ntime.sleep(60)"))
-        await asyncio.sleep(0.2)
+        child.send(protocol.encode_exec("import time\nprint('busy', flush=True)\ntime.sleep(60)"))
+        await child.until(protocol.T_STDOUT)  # running the code, not waiting for it
         assert child.proc.stdin is not None
         child.proc.stdin.close()
         async with asyncio.timeout(5):
@@ -519,7 +534,7 @@ async def test_child_interrupted_input_leaves_protocol_in_sync() -> None:
         first = protocol.InputRequest.decode(payload).number
         stale = protocol.encode_input_reply(first, "too late")
         child.send(stale[:3])
-        await asyncio.sleep(0.2)  # the child reads the three bytes and waits for more
+        await child.drained()  # the child has read the three bytes and waits for more
         os.kill(child.proc.pid, signal.SIGINT)
         _, payload = await child.until(protocol.T_INPUT_REQUEST)
         second = protocol.InputRequest.decode(payload)

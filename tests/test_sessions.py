@@ -18,7 +18,7 @@ from replserver.metrics import JsonAccessLogger
 from replserver.routes import MANAGER
 
 from . import servers
-from .conftest import Client, MakeClient, execute, parse_sse
+from .conftest import Client, MakeClient, execute, parse_sse, wait_for_session
 from .conftest import test_settings as settings_for_test
 
 
@@ -198,7 +198,7 @@ async def test_reattach_reports_a_gap_when_the_buffer_overflowed(make_client: Ma
     execution_id = resp.headers["X-Execution-Id"]
     seen = await read_until(resp, lambda e: e.get("content", "").startswith("go"))
     resp.close()
-    await asyncio.sleep(1.0)
+    await wait_for_session(client, "gappy", lambda info: not info["running"])  # all written
     again = await client.get(
         f"/executions/{execution_id}/events", headers={"Last-Event-ID": str(seen[-1][0])}
     )
@@ -268,13 +268,23 @@ async def test_access_log_is_structured_and_never_has_code(
     client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
     with caplog.at_level(logging.INFO, logger="aiohttp.access"):
         await execute(client, "logged", "secret_code = 'hunter2'\nprint('secret output')")
-        await asyncio.sleep(0.1)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "aiohttp.access"]
-    line = next(entry for entry in lines if entry["path"] == "/execute/logged")
+        # The access log line is written after the response has gone out.
+        async with asyncio.timeout(5):
+            while not (line := _access_line(caplog, "/execute/logged")):
+                await asyncio.sleep(0.01)  # polling against the deadline above
     assert line["status"] == 200 and line["sessionId"] == "logged" and line["reason"] == "ok"
     assert line["executionId"].startswith("logged.") and line["durationMs"] > 0
     everything = " ".join(r.getMessage() for r in caplog.records)
     assert "hunter2" not in everything and "secret output" not in everything
+
+
+def _access_line(caplog: pytest.LogCaptureFixture, path: str) -> dict[str, Any] | None:
+    for record in caplog.records:
+        if record.name == "aiohttp.access":
+            entry: dict[str, Any] = json.loads(record.getMessage())
+            if entry["path"] == path:
+                return entry
+    return None
 
 
 async def test_disconnects_are_noticed_by_a_real_server() -> None:
@@ -290,11 +300,16 @@ async def test_disconnects_are_noticed_by_a_real_server() -> None:
                 resp = await http.post(f"{replica.base}/execute-stream/{sid}", json=body)
                 await read_until(resp, lambda e: e.get("content", "").startswith("up"))
                 resp.close()
-            await asyncio.sleep(1.5)
-            states = {}
-            for sid in ("keeps", "stops"):
-                async with http.get(f"{replica.base}/sessions/{sid}") as info:
-                    states[sid] = (await info.json())["running"]
+            # Until the server has noticed the disconnect and stopped "stops".
+            async with asyncio.timeout(10):
+                while True:
+                    states = {}
+                    for sid in ("keeps", "stops"):
+                        async with http.get(f"{replica.base}/sessions/{sid}") as info:
+                            states[sid] = (await info.json())["running"]
+                    if not states["stops"]:
+                        break
+                    await asyncio.sleep(0.02)  # polling against the deadline above
             assert states == {"keeps": True, "stops": False}
     finally:
         await replica.kill()

@@ -13,7 +13,7 @@ from aiohttp import ClientResponse
 
 from replserver.routes import MANAGER
 
-from .conftest import Client, MakeClient, execute, parse_sse, stream
+from .conftest import Client, MakeClient, execute, parse_sse, stream, wait_for_session
 
 BIG_CODE = (
     "import sys\nfor i in range(5000):\n    sys.stdout.write(f'{i:08d}' + 'x' * 1015 + '\\n')"
@@ -181,9 +181,9 @@ async def test_requests_run_in_arrival_order(client: Client) -> None:
     await execute(client, sid, "import time\nseen = []")
     async with asyncio.timeout(15):
         first = asyncio.create_task(execute(client, sid, "time.sleep(0.3)\nseen.append('A')"))
-        await asyncio.sleep(0.1)
+        await wait_for_session(client, sid, lambda info: info["executionCount"] == 2)
         second = asyncio.create_task(execute(client, sid, "seen.append('B')"))
-        await asyncio.sleep(0.05)
+        await wait_for_session(client, sid, lambda info: info["queued"] == 1)
         third = asyncio.create_task(stream(client, sid, "seen.append('C')"))
         await asyncio.gather(first, second, third)
     body = await execute(client, sid, "print(seen)")
