@@ -464,9 +464,9 @@ async def test_servers_on_one_host_never_share_a_uid() -> None:
 async def test_layers_are_observed_not_configured(make_client: MakeClient, tmp_path: Path) -> None:
     # A runner that skips its rlimits and keeps a variable of its own: the probe child
     # reports what it finds, so /health shows both layers missing although configured.
-    for name in ("runner_child.py", "runner_repl.py"):
-        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    # The child package comes from the server's own import; only the script is swapped.
     runner = tmp_path / "runner_child.py"
+    shutil.copy(REPO_ROOT / "runner_child.py", runner)
     source = runner.read_text()
     applied = 'apply_limits(os.environ.pop("REPL_RLIMITS", ""))'
     assert applied in source
