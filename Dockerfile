@@ -18,7 +18,7 @@ WORKDIR /app
 # Only what the package needs to install: pyproject.toml, README.md (the long description),
 # the package and the child scripts; `pip install .` brings the runtime dependencies only
 # (aiohttp, aiohttp-sse, aiohttp-cors), not the dev tools. The tests run the same command.
-COPY pyproject.toml README.md runner_child.py runner_repl.py ./
+COPY pyproject.toml README.md runner_child.py runner_repl.py runner_complete.py runner_startup.py ./
 COPY replserver ./replserver
 RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-packages
 

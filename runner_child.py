@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
     from runner_repl import Repl
 
+    Answer = Callable[[bytes, dict[str, object]], bytes]  # runner_complete.answer
+    Prepare = Callable[[str, str, str, dict[str, object]], tuple[bytes, str]]  # runner_startup
+
 # --- framing (mirror of replserver/protocol.py) -------------------------------------------
 HEADER_SIZE = 5  # 1 byte type + 4 bytes big-endian payload length
 T_EXEC = 0x58  # 'X' server -> child: flags byte + UTF-8 code
@@ -48,6 +51,9 @@ T_INPUT_REQUEST = 0x49  # 'I' child -> server: request number (4), flags byte, U
 T_DONE = 0x44  # 'D' child -> server: execution finished (see finish)
 T_READY = 0x52  # 'R' child -> server: set up, waiting for work; payload: pid as text
 T_FATAL = 0x21  # '!' child -> server: protocol error text; the child exits after it
+T_QUERY = 0x51  # 'Q' server -> child: JSON completion or inspection query (runner_complete)
+T_ANSWER = 0x71  # 'q' child -> server: JSON answer to the oldest unanswered query
+T_STARTUP = 0x53  # 'S' child -> server: JSON report of preloads and startup code, before READY
 
 INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: do not echo (getpass)
 INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
@@ -128,6 +134,8 @@ class Runner(Repl):
         self.pyplot_show: Callable[..., None] | None = None  # our pyplot.show, once patched
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
+        self.answer: Answer | None = None  # runner_complete.answer, loaded by the first query
+        self.startup_error = ""  # the startup code's traceback, for the first execution
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
@@ -359,16 +367,54 @@ class Runner(Repl):
 
     def serve(self) -> None:
         self.warm_up()
-        self.send(T_READY, str(os.getpid()).encode())
+        self.prepare_namespace()
+        with self.lock:
+            self._forward_available()  # what start-up wrote, before READY: dropped
+            self._write(encode_frame(T_READY, str(os.getpid()).encode()))
         while True:
             kind, payload = self.read_frame()
             if kind == T_INPUT_REPLY:
                 continue  # an answer that came after its execution ended (a stop): stale
+            if kind == T_QUERY:
+                self.answer_query(payload)
+                continue
             if kind != T_EXEC or not payload:
                 self.fatal(f"unexpected frame type {kind:#x}")
             if payload[0] & FLAG_REAP:
                 self.reap_zombies()
             self.execute(payload[1:].decode("utf-8", "surrogatepass"), payload[0])
+
+    def prepare_namespace(self) -> None:
+        """REPL_PRELOAD and REPL_STARTUP (runner_startup.py), when the server set them."""
+        preload = os.environ.pop("REPL_PRELOAD", "")
+        startup = os.environ.pop("REPL_STARTUP_CODE", "")
+        name = os.environ.pop("REPL_STARTUP", "") or "<startup>"
+        if preload or startup:
+            prepare: Prepare = _load_sibling("runner_startup")[0]["prepare"]  # type: ignore[assignment]
+            report, self.startup_error = prepare(preload, name, startup, self.module.__dict__)
+            self.send(T_STARTUP, report)
+
+    def answer_query(self, payload: bytes) -> None:
+        """Answer a completion or inspection query (runner_complete.py) from the namespace.
+        It may run user code (__dir__, properties): a stop from the server interrupts it."""
+        if self.answer is None:
+            self.answer = _load_sibling("runner_complete")[0]["answer"]  # type: ignore[assignment]
+            assert self.answer is not None
+        try:
+            self.running = True
+            try:
+                reply = self.answer(payload, self.module.__dict__)
+            finally:
+                self.running = False
+        except KeyboardInterrupt:
+            reply = b'{"error": "interrupted"}'
+        except Exception as exc:  # noqa: BLE001 - a broken query must not end the session
+            import json
+
+            reply = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        with self.lock:
+            self._forward_available()  # output the query caused goes first (and is dropped)
+            self._write(encode_frame(T_ANSWER, reply))
 
     @staticmethod
     def reap_zombies() -> None:
@@ -417,6 +463,9 @@ class Runner(Repl):
         self.interrupted = False
         self._restore_std_fds()
         name = f"<cell-{self.count}>"
+        if self.startup_error:  # REPL_STARTUP raised: the first reply's error says so
+            self._write_fd2(self.startup_error.encode("utf-8", "backslashreplace"))
+            self.startup_error = ""
         self.sources[name] = code
         return_code, reason, note = self._run(self._run_cell, code, name)
         if "matplotlib.pyplot" in sys.modules and not self.forked:

@@ -8,6 +8,7 @@ import os
 import signal
 import struct
 import subprocess
+from collections import deque
 from typing import Any, Literal
 
 from . import protocol
@@ -16,6 +17,7 @@ from .execution import Execution, Failure
 from .isolation import Isolation, Lease
 from .sandbox import Confinement, make_preexec
 from .settings import Settings
+from .startup import StartupReport, startup_environment
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def child_environment(
         "REPL_MAX_FRAME_BYTES": str(settings.max_frame_bytes),
         "REPL_MAX_RESULT_CHARS": str(settings.max_result_chars),
         "REPL_RLIMITS": ",".join(f"{name}={value}" for name, value in settings.rlimits.items()),
+        **startup_environment(settings),
     }
 
 
@@ -85,6 +88,8 @@ class ChildProcess:
         self._reap = False  # we killed processes the child may have to wait for
         self.pid = 0
         self.error: str | None = None  # why the child is unusable, once it is
+        self._queries: deque[asyncio.Future[bytes]] = deque()  # awaiting answers, oldest first
+        self.startup: StartupReport | None = None  # what its preloads and startup code did
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
@@ -187,6 +192,17 @@ class ChildProcess:
         if self.alive and self._stdin is not None and not self._stdin.is_closing():
             self._stdin.write(protocol.encode_input_reply(number, value))
 
+    def query(self, frame: bytes) -> asyncio.Future[bytes]:
+        """Send a completion or inspection query frame; the future gets the answer."""
+        if not self.alive or self._stdin is None:
+            raise ProtocolError("the session's Python process is not running")
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # An answer nobody waits for any more (the client left) must not log an error.
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queries.append(answer)
+        self._stdin.write(frame)
+        return answer
+
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
             self._stdout.pause_reading()
@@ -228,7 +244,27 @@ class ChildProcess:
                 text = payload.decode(errors="replace")
                 self._broken(f"the session's Python process reported: {text}")
             else:
-                self._broken(f"protocol error: unknown frame type {kind:#x}")
+                self._on_notebook_frame(kind, payload)
+
+    def _on_notebook_frame(self, kind: int, payload: bytes) -> None:
+        """A query's answer (checked by whoever asked), or the start-up report."""
+        if kind not in (protocol.T_ANSWER, protocol.T_STARTUP):
+            self._broken(f"protocol error: unknown frame type {kind:#x}")
+        elif kind == protocol.T_ANSWER:
+            if not self._queries:
+                self._broken("protocol error: an answer to no query")
+                return
+            answer = self._queries.popleft()
+            if not answer.done():
+                answer.set_result(payload)
+        elif self.startup is not None or self._ready.done():
+            self._broken("protocol error: a second start-up report")
+        else:
+            try:
+                self.startup = StartupReport.decode(payload)
+            except ValueError as exc:
+                self._broken(f"protocol error: {exc}")
+                return
 
     def _broken(self, message: str) -> None:
         """The stream can no longer be trusted: fail the execution and kill the process."""
@@ -238,6 +274,10 @@ class ChildProcess:
         self._signal_group(signal.SIGKILL)
 
     def _fail_current(self, message: str) -> None:
+        while self._queries:
+            answer = self._queries.popleft()
+            if not answer.done():
+                answer.set_exception(ProtocolError(message))
         current, self.current = self.current, None
         if current is not None:
             current.finish(Failure(message))

@@ -246,7 +246,12 @@ BOOTSTRAP = (
 )
 
 
-RUNNER_MODULES = ("runner_child.py", "runner_repl.py")  # the second loaded by the first
+RUNNER_MODULES = (  # the others are loaded by the first
+    "runner_child.py",
+    "runner_repl.py",
+    "runner_complete.py",
+    "runner_startup.py",
+)
 
 
 def install_runner(source: str, directory: Path) -> str:

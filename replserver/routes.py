@@ -20,7 +20,9 @@ from .errors import (
     NoInputPending,
     NotFound,
     ProtocolError,
+    QueryTimeout,
     ReplError,
+    SessionBusy,
     ShuttingDown,
     TooManySessions,
     Unauthorized,
@@ -44,10 +46,12 @@ _STATUS: dict[type[ReplError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     NoInputPending: 409,
+    SessionBusy: 409,
     TooManySessions: 429,
     ChildStartError: 503,
     ShuttingDown: 503,
     ProtocolError: 502,
+    QueryTimeout: 504,
 }
 
 
@@ -269,6 +273,7 @@ async def health(request: web.Request) -> web.Response:
             "sessions": len(request.app[MANAGER]),
             "replica": request.app[SETTINGS].replica_id,
             "isolation": request.app[ISOLATION].layers.as_json(),
+            "preload": request.app[MANAGER].pool.preload.as_json(),
         }
     )
 
