@@ -19,6 +19,7 @@ import builtins
 import contextlib
 import io
 import json
+import os
 import sys
 
 TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
@@ -71,7 +72,21 @@ def _load_jedi() -> ModuleType | None:
             _jedi.append(None)
         else:
             _jedi.append(jedi)
+            shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jedi-cache")
+            if _read_only_for_us(shared):
+                jedi.settings.cache_directory = shared
     return _jedi[0]
+
+
+def _read_only_for_us(path: str) -> bool:
+    """The server's pickled parse of jedi's stubs (replserver/completion.py), if there is
+    one we cannot write to: a pickle another session could have written is never loaded.
+    Elsewhere jedi keeps its cache in our own home, the session's directory."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return info.st_uid != os.getuid() and not info.st_mode & 0o022
 
 
 def _position(code: str, cursor: int) -> tuple[int, int]:

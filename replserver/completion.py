@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from . import protocol
 from .errors import BadRequest, ProtocolError, QueryTimeout
+
+log = logging.getLogger(__name__)
 
 # A completion imports jedi (~0.3 s) and parses the builtins' stubs (~1 s) the first time,
 # on a machine that may be busy: generous, but bounded, since the session waits for it.
@@ -121,3 +126,94 @@ async def ask(
             f"the {query.op} request took longer than {timeout_s:g} s and was interrupted"
         ) from None
     return query.reply(payload)
+
+
+# Where runner_complete.py looks for the shared cache: next to itself, in the runner's
+# directory (which bubblewrap binds read-only into every sandbox).
+JEDI_CACHE_DIR = "jedi-cache"
+BUILD_TIMEOUT_S = 120.0
+_WARM_JEDI = (
+    "import sys, jedi\n"
+    "jedi.settings.cache_directory = sys.argv[1]\n"
+    "jedi.Interpreter('pri', [{}]).complete(1, 3)\n"
+)
+
+
+class JediCache:
+    """jedi's parse of the builtins' stubs, pickled once by the server for every child.
+
+    Parsing those stubs is most of a session's first completion (seconds, see the README);
+    a child that finds them pickled loads them instead. Only a server whose children run
+    as other uids builds it (a root server): they can read it but not write it, so no
+    session can plant a pickle that another one would load. Built in the background
+    after the server's first query, never at start-up, so servers that never complete
+    pay nothing.
+    """
+
+    def __init__(self, python: str, runner_dir: Path, *, enabled: bool) -> None:
+        self._python = python
+        self.path = runner_dir / JEDI_CACHE_DIR
+        self.state = "not built" if enabled else "off"  # then "building", "ready", "failed"
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<JediCache {self.state} {self.path}>"
+
+    def ensure(self) -> None:
+        """Start building the cache, once."""
+        if self.state == "not built":
+            self.state = "building"
+            self._task = asyncio.create_task(self._build())
+
+    async def _build(self) -> None:
+        staging = self.path.with_name(f".{JEDI_CACHE_DIR}-staging")
+        proc = await asyncio.create_subprocess_exec(
+            self._python,
+            "-I",
+            "-c",
+            _WARM_JEDI,
+            str(staging),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=self.path.parent,
+        )
+        try:
+            async with asyncio.timeout(BUILD_TIMEOUT_S):
+                _, err = await proc.communicate()  # a short-lived helper, not a child
+        except BaseException as exc:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+            self.state = "failed"
+            if not isinstance(exc, TimeoutError):
+                raise
+            log.warning("no shared jedi cache: building it took over %g s", BUILD_TIMEOUT_S)
+            return
+        if proc.returncode != 0:  # no jedi for the children's interpreter, say
+            self.state = "failed"
+            log.info("no shared jedi cache: %s", err.decode(errors="replace")[-300:].strip())
+            return
+        await asyncio.to_thread(_publish, staging, self.path)
+        self.state = "ready"
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our own cancellation, not the builder's
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Readable by every uid, writable by none of the children; then in place at once."""
+    for root, dirs, files in os.walk(staging):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+    os.rename(staging, final)

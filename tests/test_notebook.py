@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import runner_child
 import runner_complete
 from replserver import completion, protocol
+from replserver.completion_routes import JEDI_CACHE
 from replserver.settings import Settings
 
 from . import conftest
@@ -354,3 +356,27 @@ def test_query_frame_is_json_with_the_cursor() -> None:
     kind_size, body = query.frame()[: protocol.HEADER_SIZE], query.frame()[protocol.HEADER_SIZE :]
     assert kind_size[0] == protocol.T_QUERY
     assert json.loads(body) == {"op": "complete", "code": "héllo", "cursor": 5}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root server (uid separation) builds it")
+@pytest.mark.timeout(180)
+async def test_a_root_server_shares_a_read_only_jedi_cache(client: Client) -> None:
+    """The first completion of the server builds it; later sessions load it instead of
+    parsing the stubs, and cannot write to it (so never into each other's pickles)."""
+    cache = client.app[JEDI_CACHE]
+    assert cache.state == "not built"
+    await complete(client, "before-cache", "pri")
+    assert cache.state in ("building", "ready")
+    async with asyncio.timeout(150):
+        while cache.state == "building":
+            await asyncio.sleep(0.2)
+    assert cache.state == "ready"
+    assert cache.path.stat().st_uid == 0 and not cache.path.stat().st_mode & 0o022
+    look = "import os\nprint(os.path.isdir('.cache/jedi'))"
+    # Before the cache, jedi pickled what it parsed into the session's own directory.
+    assert (await execute(client, "before-cache", look))["output"] == "True\n"
+    assert "print" in (await complete(client, "after-cache", "pri"))["matches"]
+    assert (await execute(client, "after-cache", look))["output"] == "False\n"
+    probe = f"open({str(cache.path / 'planted.pkl')!r}, 'wb')"
+    denied = await execute(client, "after-cache", probe)
+    assert "PermissionError" in denied["error"]
