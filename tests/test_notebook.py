@@ -380,3 +380,38 @@ async def test_a_root_server_shares_a_read_only_jedi_cache(client: Client) -> No
     probe = f"open({str(cache.path / 'planted.pkl')!r}, 'wb')"
     denied = await execute(client, "after-cache", probe)
     assert "PermissionError" in denied["error"]
+
+
+# --- the child is untrusted -----------------------------------------------------------------
+
+FIND_RUNNER = (
+    "import gc\nrunner = next(o for o in gc.get_objects() if type(o).__name__ == 'Runner')\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        (b"not json", "malformed answer"),
+        (b'{"matches": "abc", "cursorStart": 0, "cursorEnd": 0}', "malformed completion"),
+        (b'{"matches": ["x"], "cursorStart": 0, "cursorEnd": 99}', "malformed completion"),
+        (b'{"matches": [1], "cursorStart": 0, "cursorEnd": 0}', "malformed completion"),
+    ],
+)
+async def test_a_malformed_answer_is_refused(client: Client, answer: bytes, detail: str) -> None:
+    """The session's code can replace what answers queries: the server checks the answer."""
+    sid = "forged-answer"
+    await execute(client, sid, FIND_RUNNER + f"runner.answer = lambda query, namespace: {answer!r}")
+    reply = await post(client, "complete", sid, {"code": "abc"}, status=502)
+    assert detail in reply["detail"], reply
+
+
+async def test_an_answer_to_no_query_breaks_the_child(client: Client) -> None:
+    """A frame the server did not ask for means the stream cannot be trusted: the child is
+    killed, the execution fails, and the next one starts fresh."""
+    sid = "unasked"
+    frame = f"runner.send({protocol.T_ANSWER}, b'{{}}')\nprint('not reached?')"
+    body = await execute(client, sid, FIND_RUNNER + frame)
+    assert "an answer to no query" in (body["error"] or ""), body
+    after = await execute(client, sid, "print('fresh')")
+    assert after["restarted"] is True and after["output"] == "fresh\n"
