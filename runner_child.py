@@ -400,6 +400,7 @@ class Runner(Repl):
         if self.answer is None:
             self.answer = _load_sibling("runner_complete")[0]["answer"]  # type: ignore[assignment]
             assert self.answer is not None
+        self.input_allowed = False  # no client could answer an input() of a query
         try:
             self.running = True
             try:

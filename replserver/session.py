@@ -173,7 +173,8 @@ class Session:
         code: while the session runs (or has requests queued), SessionBusy at once."""
         if self.busy:
             raise SessionBusy(
-                f"the session is running code; {query.op} answers when it is idle (retry then)"
+                f"the session is running code (or another request); {query.op} answers"
+                " when it is idle: retry then"
             )
         async with self._lock:
             child = await self._ensure_child()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 MiB = 1024 * 1024
+MAX_PRELOAD = 100  # modules in REPL_PRELOAD (a child's start-up report lists each)
 
 
 def default_runner_path() -> str:
@@ -126,6 +127,8 @@ class Settings:
         bad = [name for name in self.preload if not _MODULE_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"REPL_PRELOAD: {bad[0]!r} is not a module name")
+        if len(self.preload) > MAX_PRELOAD:
+            raise ValueError(f"REPL_PRELOAD: at most {MAX_PRELOAD} modules")
         if self.startup:
             from .startup import read_startup  # here, not above: startup.py imports us
 

@@ -17,13 +17,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import Settings
+from .settings import MAX_PRELOAD, Settings
 
 log = logging.getLogger(__name__)
 
 # The text travels in one environment variable, which Linux caps at 128 KiB.
 MAX_STARTUP_BYTES = 100 * 1024
-_MAX_REPORTED = 100  # modules per report (the setting lists a handful)
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,7 +76,7 @@ class StartupReport:
         if (
             not isinstance(loaded, list)
             or not isinstance(failed, dict)
-            or len(loaded) + len(failed) > _MAX_REPORTED
+            or len(loaded) + len(failed) > MAX_PRELOAD
             or not all(isinstance(m, str) for m in loaded)
             or not all(isinstance(v, str) for v in failed.values())
             or not (error is None or isinstance(error, str))
