@@ -60,7 +60,10 @@ class Query:
 
     def frame(self) -> bytes:
         body = {"op": self.op, "code": self.code, "cursor": self.cursor}
-        return protocol.encode(protocol.T_QUERY, json.dumps(body).encode("utf-8", "surrogatepass"))
+        # Not ASCII-escaped: the frame stays about as large as the request body (which is
+        # below the frame limit), where \uXXXX escapes could triple it.
+        text = json.dumps(body, ensure_ascii=False)
+        return protocol.encode(protocol.T_QUERY, text.encode("utf-8", "surrogatepass"))
 
     def reply(self, payload: bytes) -> dict[str, Any]:
         """The HTTP reply made of the child's answer; ProtocolError if it is malformed."""

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,22 @@ async def test_cursor_in_the_middle_of_the_code(client: Client) -> None:
     # Characters, not bytes: text before the cursor that is not ASCII does not shift it.
     reply = await complete(client, sid, "s = 'héllo→'; my_v", cursor=None)
     assert reply["matches"] == ["my_variable"] and reply["cursorStart"] == 14
+
+
+async def test_a_large_non_ascii_request_fits_the_query_frame(make_client: MakeClient) -> None:
+    """The query frame is about the size of the request body, which is below the frame
+    limit: 'é' escaped as \\u00e9 would have made it three times larger."""
+    client = await make_client(max_body_bytes=2**20, max_frame_bytes=3 * 2**19)
+    sid = "large"
+    await execute(client, sid, "my_variable = 1")
+    code = "s = '" + "é" * 400_000 + "'\nmy_var"
+    body = json.dumps({"code": code}, ensure_ascii=False).encode()
+    assert len(body) < 2**20 < 3 * len(body)
+    headers = {"Content-Type": "application/json"}
+    resp = await client.post(f"/complete/{sid}", data=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["matches"] == ["my_variable"]
+    assert (await execute(client, sid, "my_variable"))["restarted"] is False
 
 
 async def test_a_new_session_is_created_and_completes_builtins(client: Client) -> None:
@@ -218,6 +235,45 @@ def test_the_floor_without_jedi(before: str, start: int, expected: list[str]) ->
     assert found_start == start
     assert all(m in matches for m in expected), matches
     assert all(m.startswith(expected[0][:1]) for m in matches), matches
+
+
+def _python_without_jedi() -> str:
+    """A system interpreter whose children cannot import jedi, or "" if there is none."""
+    for python in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(python):
+            found = subprocess.run(
+                [
+                    python,
+                    "-I",
+                    "-c",
+                    "import sys, importlib.util as u; "
+                    "sys.exit(sys.version_info < (3, 11) or bool(u.find_spec('jedi')))",
+                ],
+                check=False,
+            )
+            if found.returncode == 0:
+                return python
+    return ""
+
+
+async def test_children_without_jedi_complete_from_the_stdlib(make_client: MakeClient) -> None:
+    """The floor through a real child: an interpreter where jedi is not installed."""
+    python = _python_without_jedi()
+    if not python:
+        pytest.skip("no Python 3.11+ without jedi on this machine to run the children")
+    client = await make_client(python=python)
+    sid = "floor"
+    await execute(client, sid, POINT + "import sys\nassert 'jedi' not in sys.modules")
+    assert (await complete(client, sid, "my_var"))["matches"] == ["my_variable"]
+    assert "made_live" in (await complete(client, sid, "point.ma"))["matches"]
+    keys = await complete(client, sid, "inventory['ap")
+    assert sorted(keys["matches"]) == ["'apples'", "'apricots'"] and keys["cursorStart"] == 10
+    assert "json" in (await complete(client, sid, "import jso"))["matches"]
+    assert "while" in (await complete(client, sid, "whil"))["matches"]
+    info = await post(client, "inspect", sid, {"code": "isinstance("})
+    assert "isinstance(obj, class_or_tuple" in info["data"]["text/plain"], info
+    check = await execute(client, sid, "import importlib.util as u\nprint(u.find_spec('jedi'))")
+    assert check["output"] == "None\n"  # it really had no jedi to use
 
 
 # --- inspection ---------------------------------------------------------------------------
