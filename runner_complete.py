@@ -90,9 +90,12 @@ def _read_only_for_us(path: str) -> bool:
 
 
 def _position(code: str, cursor: int) -> tuple[int, int]:
-    """jedi's (line, column) of a character offset: 1-based line, 0-based column."""
-    before = code[:cursor]
-    return before.count("\n") + 1, cursor - (before.rfind("\n") + 1)
+    """jedi's (line, column) of a character offset: 1-based line, 0-based column. Lines
+    end as parso ends them: at \r\n, \r or \n."""
+    import re
+
+    lines = re.split(r"\r\n|\r|\n", code[:cursor])
+    return len(lines), len(lines[-1])
 
 
 # --- completion -----------------------------------------------------------------------------

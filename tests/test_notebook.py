@@ -100,6 +100,9 @@ async def test_cursor_in_the_middle_of_the_code(client: Client) -> None:
     # Characters, not bytes: text before the cursor that is not ASCII does not shift it.
     reply = await complete(client, sid, "s = 'héllo→'; my_v", cursor=None)
     assert reply["matches"] == ["my_variable"] and reply["cursorStart"] == 14
+    # Windows line ends (one character each of \r and \n) count as any other.
+    reply = await complete(client, sid, "x = 1\r\nmy_v\r\nprint(x)", cursor=11)
+    assert reply == {"matches": ["my_variable"], "cursorStart": 7, "cursorEnd": 11}
 
 
 async def test_a_large_non_ascii_request_fits_the_query_frame(make_client: MakeClient) -> None:
