@@ -28,6 +28,7 @@ import io
 import os
 import sys
 
+import replchild as _PACKAGE
 from replchild import repl, wire
 from replchild.repl import Repl
 from replchild.wire import (
@@ -42,10 +43,13 @@ from replchild.wire import (
     REASON_INTERRUPTED,
     REASON_MEMORY,
     REASON_OK,
+    T_ANSWER,
     T_EXEC,
     T_FATAL,
     T_INPUT_REPLY,
+    T_QUERY,
     T_READY,
+    T_STARTUP,
     T_STDERR,
     T_STDOUT,
     encode,
@@ -57,7 +61,10 @@ TYPE_CHECKING = False  # typing costs ~10 ms to import; mypy honours this name
 if TYPE_CHECKING:
     import traceback
     from collections.abc import Callable
+    from types import ModuleType
     from typing import NoReturn
+
+    Answer = Callable[[bytes, dict[str, object]], bytes]  # replchild.complete.answer
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
@@ -105,6 +112,8 @@ class Runner:
         self.input_number = 0
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
+        self.answer: Answer | None = None  # replchild.complete.answer, loaded by the first query
+        self.startup_error = ""  # the startup code's traceback, for the first execution
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
@@ -343,16 +352,55 @@ class Runner:
 
     def serve(self) -> None:
         self.warm_up()
-        self.send(T_READY, str(os.getpid()).encode())
+        self.prepare_namespace()
+        with self.lock:
+            self._forward_available()  # what start-up wrote, before READY: dropped
+            self._write(encode(T_READY, str(os.getpid()).encode()))
         while True:
             kind, payload = self.read_frame()
             if kind == T_INPUT_REPLY:
                 continue  # an answer that came after its execution ended (a stop): stale
+            if kind == T_QUERY:
+                self.answer_query(payload)
+                continue
             if kind != T_EXEC or not payload:
                 self.fatal(f"unexpected frame type {kind:#x}")
             if payload[0] & FLAG_REAP:
                 self.reap_zombies()
             self.execute(payload[1:].decode("utf-8", "surrogatepass"), payload[0])
+
+    def prepare_namespace(self) -> None:
+        """REPL_PRELOAD and REPL_STARTUP (replchild/startup.py), when the server set them."""
+        preload = os.environ.pop("REPL_PRELOAD", "")
+        startup = os.environ.pop("REPL_STARTUP_CODE", "")
+        name = os.environ.pop("REPL_STARTUP", "") or "<startup>"
+        if preload or startup:
+            prepare = import_later("startup").prepare
+
+            report, self.startup_error = prepare(preload, name, startup, self.module.__dict__)
+            self.send(T_STARTUP, report)
+
+    def answer_query(self, payload: bytes) -> None:
+        """Answer a completion or inspection query (replchild/complete.py) from the namespace.
+        It may run user code (__dir__, properties): a stop from the server interrupts it."""
+        if self.answer is None:
+            self.answer = import_later("complete").answer
+        self.input_allowed = False  # no client could answer an input() of a query
+        try:
+            self.running = True
+            try:
+                reply = self.answer(payload, self.module.__dict__)
+            finally:
+                self.running = False
+        except KeyboardInterrupt:
+            reply = b'{"error": "interrupted"}'
+        except Exception as exc:  # noqa: BLE001 - a broken query must not end the session
+            import json
+
+            reply = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        with self.lock:
+            self._forward_available()  # output the query caused goes first (and is dropped)
+            self._write(encode(T_ANSWER, reply))
 
     @staticmethod
     def reap_zombies() -> None:
@@ -401,6 +449,9 @@ class Runner:
         self.interrupted = False
         self._restore_std_fds()
         name = f"<cell-{self.count}>"
+        if self.startup_error:  # REPL_STARTUP raised: the first reply's error says so
+            self.write_stderr(self.startup_error.encode("utf-8", "backslashreplace"))
+            self.startup_error = ""
         self.sources[name] = code
         return_code, reason, note = self._run(self._run_cell, code, name)
         if "matplotlib.pyplot" in sys.modules and not self.forked:
@@ -626,6 +677,19 @@ def make_undumpable() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+
+
+def import_later(name: str) -> ModuleType:
+    """A module of the child package imported after start-up (completion on the first
+    query, say), when the package is out of sys.modules and its directory off sys.path:
+    the package goes back for the import, which finds the module through its __path__,
+    and leaves again with it."""
+    sys.modules["replchild"] = _PACKAGE
+    try:
+        __import__(f"replchild.{name}")
+        return sys.modules[f"replchild.{name}"]
+    finally:
+        forget_our_modules()
 
 
 def forget_our_modules() -> None:

@@ -25,6 +25,9 @@ T_INPUT_REQUEST = 0x49  # 'I' child -> server: INPUT layout (number, flags), UTF
 T_DONE = 0x44  # 'D' child -> server: DONE layout, UTF-8 note; the execution finished
 T_READY = 0x52  # 'R' child -> server: set up and waiting; payload is its pid as text
 T_FATAL = 0x21  # '!' child -> server: protocol error text, then the child exits
+T_QUERY = 0x51  # 'Q' server -> child: JSON {"op": "complete"|"inspect", "code", "cursor"}
+T_ANSWER = 0x71  # 'q' child -> server: JSON answer to the oldest unanswered query
+T_STARTUP = 0x53  # 'S' child -> server: JSON report of preloads and startup code, before READY
 
 INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: getpass, the answer is not echoed
 INPUT_VALUE = 0  # INPUT_REPLY status: the value follows

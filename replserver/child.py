@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections import deque
 from typing import Any, Literal
 
 from . import protocol
@@ -15,6 +16,7 @@ from .execution import Execution, Failure
 from .isolation import Isolation, Lease
 from .sandbox import Confinement, make_preexec
 from .settings import Settings
+from .startup import StartupReport, startup_environment
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def child_environment(
         "REPL_MAX_FRAME_BYTES": str(settings.max_frame_bytes),
         "REPL_MAX_RESULT_CHARS": str(settings.max_result_chars),
         "REPL_RLIMITS": ",".join(f"{name}={value}" for name, value in settings.rlimits.items()),
+        **startup_environment(settings),
     }
 
 
@@ -95,6 +98,8 @@ class ChildProcess:
         self._interactive = False  # the execution in flight can have its input() answered
         self._input_number = 0  # the last input request's number (the child counts up)
         self._ending = False  # end() has begun: it closes the request pipe itself
+        self._queries: deque[asyncio.Future[bytes]] = deque()  # awaiting answers, oldest first
+        self.startup: StartupReport | None = None  # what its preloads and startup code did
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
@@ -207,6 +212,17 @@ class ChildProcess:
         if self.alive and self._stdin is not None and not self._stdin.is_closing():
             self._stdin.write(protocol.encode_input_reply(number, value))
 
+    def query(self, frame: bytes) -> asyncio.Future[bytes]:
+        """Send a completion or inspection query frame; the future gets the answer."""
+        if not self.alive or self._stdin is None:
+            raise ProtocolError("the session's Python process is not running")
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # An answer nobody waits for any more (the client left) must not log an error.
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queries.append(answer)
+        self._stdin.write(frame)
+        return answer
+
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
             self._stdout.pause_reading()
@@ -256,8 +272,29 @@ class ChildProcess:
         elif kind == protocol.T_FATAL:
             text = payload[:FATAL_TEXT_BYTES].decode("utf-8", "replace")
             self._broken(text, how="reported a protocol error")
+        elif kind == protocol.T_ANSWER:
+            self._on_answer(payload)
+        elif kind == protocol.T_STARTUP:
+            self._on_startup(payload)
         else:
             raise ProtocolError(f"a frame of unknown type {kind:#x}")
+
+    def _on_answer(self, payload: bytes) -> None:
+        """A query's answer (its layout is checked by whoever asked)."""
+        if not self._queries:
+            raise ProtocolError("an answer to no query")
+        answer = self._queries.popleft()
+        if not answer.done():
+            answer.set_result(payload)
+
+    def _on_startup(self, payload: bytes) -> None:
+        """The report of its preloads and startup code, once, before it is ready."""
+        if self.startup is not None or self._ready.done():
+            raise ProtocolError("a second start-up report")
+        try:
+            self.startup = StartupReport.decode(payload)
+        except ValueError as exc:
+            raise protocol.Malformed(f"a start-up report that does not parse ({exc})") from None
 
     def _on_done(self, done: protocol.Done) -> None:
         current = self.current
@@ -338,6 +375,10 @@ class ChildProcess:
             return True
 
     def _fail_current(self, message: str) -> None:
+        while self._queries:
+            answer = self._queries.popleft()
+            if not answer.done():
+                answer.set_exception(ProtocolError(message))
         current, self.current = self.current, None
         if current is not None:
             current.finish(Failure(message))

@@ -41,3 +41,11 @@ class ProtocolError(ReplError):
 
 class NoInputPending(ReplError):
     """An answer to input() arrived, but nothing in the session is waiting for one (409)."""
+
+
+class SessionBusy(ReplError):
+    """The session runs code, and the request answers at once or not at all (409)."""
+
+
+class QueryTimeout(ReplError):
+    """A completion or inspection did not come back in time; it was interrupted (504)."""

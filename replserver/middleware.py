@@ -15,7 +15,9 @@ from .errors import (
     NoInputPending,
     NotFound,
     ProtocolError,
+    QueryTimeout,
     ReplError,
+    SessionBusy,
     ShuttingDown,
     TooManySessions,
     Unauthorized,
@@ -31,10 +33,12 @@ STATUS: dict[type[ReplError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     NoInputPending: 409,
+    SessionBusy: 409,
     TooManySessions: 429,
     ChildStartError: 503,
     ShuttingDown: 503,
     ProtocolError: 502,
+    QueryTimeout: 504,
 }
 # Headers of an aiohttp HTTPException that say how to retry; kept on the JSON reply.
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")

@@ -16,6 +16,7 @@ from .child import ChildProcess
 from .errors import ChildStartError, ShuttingDown
 from .isolation import Isolation
 from .settings import Settings
+from .startup import PreloadStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class ChildPool:
         self._closed = False
         self.spawned = 0  # children started, warm or on demand
         self.hits = 0  # acquisitions served from the warm reserve
+        self.preload = PreloadStatus(settings)  # what the children's start-up did, for /health
 
     def __repr__(self) -> str:
         return f"<ChildPool warm={len(self._warm)}/{self.size} spawned={self.spawned}>"
@@ -78,6 +80,7 @@ class ChildPool:
     async def _spawn(self) -> ChildProcess:
         child = await ChildProcess.spawn(self._settings, isolation=self._isolation)
         self.spawned += 1
+        self.preload.record(child.startup)
         return child
 
     def _refill(self) -> None:

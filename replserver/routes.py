@@ -232,6 +232,7 @@ async def health(request: web.Request) -> web.Response:
             "sessions": len(request.app[MANAGER]),
             "replica": request.app[SETTINGS].replica_id,
             "isolation": request.app[ISOLATION].layers.as_json(),
+            "preload": request.app[MANAGER].pool.preload.as_json(),
         }
     )
 

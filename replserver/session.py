@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import completion
 from .child import ChildProcess
-from .errors import NoInputPending, ShuttingDown
+from .errors import NoInputPending, SessionBusy, ShuttingDown
 from .execution import Execution
 from .metrics import Metrics
 from .pool import ChildPool
@@ -173,6 +174,24 @@ class Session:
         if execution is None:
             raise NoInputPending("nothing is running in this session, so no input is awaited")
         execution.answer(value)
+
+    async def ask(self, query: completion.Query) -> dict[str, Any]:
+        """Completion or inspection from the child's live namespace. It never waits behind
+        code: while the session runs (or has requests queued), SessionBusy at once."""
+        if self.busy:
+            raise SessionBusy(
+                f"the session is running code (or another request); {query.op} answers"
+                " when it is idle: retry then"
+            )
+        async with self._lock:
+            child = await self._ensure_child()
+            self.last_active = time.time()
+            return await completion.ask(
+                child,
+                query,
+                timeout_s=completion.QUERY_TIMEOUT_S,
+                grace_s=self._settings.interrupt_grace_s,
+            )
 
     # --- stopping running code ----------------------------------------------------------------
     def _expire(self, execution: Execution, limit_s: float) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 MiB = 1024 * 1024
+MAX_PRELOAD = 100  # modules in REPL_PRELOAD (a child's start-up report lists each)
 
 
 def default_runner_path() -> str:
@@ -74,6 +76,10 @@ class Settings:
     spawn_timeout_s: float = 20.0
     shutdown_grace_s: float = 2.0
     log_level: str = "info"
+    # Notebook start-up: modules every child imports before joining the warm pool, and a
+    # Python file run in every new namespace (replserver/startup.py).
+    preload: tuple[str, ...] = ()
+    startup: str = ""
     # Names this server in the X-Replica header and /health, so that a client or test
     # behind a load balancer sees which replica answered (the pod name on Kubernetes).
     replica_id: str = field(default_factory=socket.gethostname)
@@ -118,6 +124,15 @@ class Settings:
             raise ValueError("REPL_CGROUPS must be 'auto' or 'off'")
         if self.max_body_bytes >= self.max_frame_bytes:
             raise ValueError("REPL_MAX_BODY_BYTES must be below REPL_MAX_FRAME_BYTES")
+        bad = [name for name in self.preload if not _MODULE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"REPL_PRELOAD: {bad[0]!r} is not a module name")
+        if len(self.preload) > MAX_PRELOAD:
+            raise ValueError(f"REPL_PRELOAD: at most {MAX_PRELOAD} modules")
+        if self.startup:
+            from .startup import read_startup  # here, not above: startup.py imports us
+
+            read_startup(self.startup)  # refuse to start with a file that cannot be used
         if not (self.replica_id.isascii() and self.replica_id.isprintable()):
             raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
 
@@ -157,6 +172,8 @@ def _parse(name: str, var: str, raw: str, type_name: str) -> object:
         raise ValueError(f"{var} must not be negative, got {raw!r}")
     return value
 
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 _BOOLS = {
     "1": True,
@@ -207,4 +224,6 @@ ENV_VARS: dict[str, str] = {
     "shutdown_grace_s": "REPL_SHUTDOWN_GRACE_S",
     "log_level": "REPL_LOG_LEVEL",
     "replica_id": "REPL_REPLICA_ID",
+    "preload": "REPL_PRELOAD",
+    "startup": "REPL_STARTUP",
 }

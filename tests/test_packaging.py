@@ -54,6 +54,8 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert runner.is_relative_to(env_dir), f"runner_child found outside the venv: {runner}"
     assert package.parent.parent == runner.parent and package.parent.name == "replchild"
     assert wire.parent == package.parent
+    # jedi, completion's engine, is a dependency: installed with the package.
+    subprocess.run([python, "-c", "import jedi"], check=True, cwd=env_dir)
     return python
 
 
@@ -102,6 +104,13 @@ async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: 
             # The REPL front ends (replchild/repl.py) are installed next to the child script.
             async with http.post(url, json={"code": "display(6 * 7)\n6 * 7"}) as resp:
                 extras = await resp.json()
+            # Completion's child side (replchild/complete.py) is installed with the package.
+            # (This venv sits where the children's uids cannot read it, under a root
+            # server: they run the base interpreter, and the stdlib floor answers.)
+            complete = f"http://127.0.0.1:{port}/complete/pkg"
+            async with http.post(complete, json={"code": "import jso"}) as resp:
+                completed = await resp.json()
+            assert completed["matches"][:1] == ["json"], completed
             # The web REPL page and its files are package data.
             pages = []
             for path in ("/", "/static/app.js", "/static/style.css"):
