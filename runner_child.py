@@ -110,6 +110,7 @@ class Runner:
         self.inbuf = bytearray()  # request bytes read but not yet consumed
         self.input_allowed = False  # FLAG_INPUT of the execution in progress
         self.input_number = 0
+        self.executing = False  # from an execution's start to its completion frame
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
         self.answer: Answer | None = None  # replchild.complete.answer, loaded by the first query
@@ -238,7 +239,11 @@ class Runner:
                 raise KeyboardInterrupt
 
     def _forward_available(self) -> int:
-        """Forward what the output pipes hold now; caller holds the lock. Bytes moved."""
+        """Forward what the output pipes hold now; caller holds the lock. Bytes moved.
+
+        Between executions it is read and dropped instead: the server takes every output
+        frame after it sent an execution for that execution's output (README: Stray output).
+        """
         moved = 0
         for fd, kind in ((self.out_r, T_STDOUT), (self.err_r, T_STDERR)):
             while True:
@@ -248,7 +253,8 @@ class Runner:
                     break
                 if not data:
                     break
-                self._write(encode(kind, data))
+                if self.executing:
+                    self._write(encode(kind, data))
                 moved += len(data)
                 if len(data) < READ_CHUNK:
                     break
@@ -444,6 +450,11 @@ class Runner:
                 raise KeyboardInterrupt
 
     def execute(self, code: str, flags: int = 0) -> None:
+        with self.lock:
+            # What was written while no execution ran (a background thread, a leftover
+            # subprocess) is dropped now, before it could pass for this execution's output.
+            self._forward_available()
+            self.executing = True
         self.count += 1
         self.input_allowed = bool(flags & FLAG_INPUT)
         self.interrupted = False
@@ -586,6 +597,7 @@ class Runner:
         )
         with self.lock:
             self._forward_available()
+            self.executing = False
             if self.count:  # not the warm-up's (count 0): the server's first frame is READY
                 self._write(frame)
 

@@ -135,6 +135,9 @@ class ChildProcess:
         os.set_blocking(out_r, False)  # the draining after a death must never wait
         os.set_blocking(err_r, False)
         fds = (out_r, out_w, err_r, err_w)
+        # Before the start: a process that exits at once is noticed (process_exited) before
+        # this coroutine resumes, and its exit drains these.
+        child._leftover_fds = (out_r, err_r)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _ChildProtocol(child),
@@ -149,6 +152,7 @@ class ChildProcess:
                 preexec_fn=make_preexec(confinement),
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            child._leftover_fds = ()
             os.close(out_r)
             os.close(err_r)
             await child._release()
@@ -156,8 +160,8 @@ class ChildProcess:
         finally:
             os.close(out_w)
             os.close(err_w)
-        child._leftover_fds = (out_r, err_r)
-        child._attach(transport)
+        if child._transport is None:
+            child._attach(transport)
         try:
             if child._cgroup is not None:
                 # Before any user code: the child only forks once it runs an execution.
@@ -566,6 +570,11 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 
     def __init__(self, child: ChildProcess) -> None:
         self._child = child
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called before any other callback, which may come before spawn() resumes.
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._child._attach(transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
