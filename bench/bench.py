@@ -866,8 +866,9 @@ def medians(
 def markdown(summary: dict[str, dict[str, Side]], n_runs: int) -> str:
     lines = [
         (
-            f"Median of {n_runs} run(s). Ratio = ours/old; time, memory and error counts: "
-            "lower is better; MB/s and exec/s: higher is better."
+            f"Median of {n_runs} run(s), load average {os.getloadavg()[1]:.1f} (5 min). "
+            "Ratio = ours/old; time, memory and error counts: lower is better; "
+            "MB/s and exec/s: higher is better."
         ),
         "",
         "| scenario | metric | ours | old | ours/old | better |",
@@ -955,11 +956,15 @@ async def one_run(
 async def amain(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
     scenarios: list[str] = args.scenarios
     runs: list[dict[str, dict[str, Side]]] = []
+    loads: list[tuple[float, float, float]] = []
     conn = aiohttp.TCPConnector(limit=300, limit_per_host=300, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=150, sock_connect=10, sock_read=60)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as client:
         for i in range(args.runs):
-            print(f"== run {i + 1}/{args.runs}")
+            # Other work on the machine moves every figure: the load is part of the result.
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"== run {i + 1}/{args.runs} (load average {load}, {os.cpu_count()} cores)")
+            loads.append(os.getloadavg())
             runs.append(await one_run(servers, client, scenarios))
     names = [s.name for s in servers]
     summary = medians(runs, scenarios, names)
@@ -969,6 +974,7 @@ async def amain(args: argparse.Namespace, servers: list[Server]) -> dict[str, An
         "uname_m": platform.machine(),
         "nproc": len(os.sched_getaffinity(0)),
         "python": sys.version,
+        "load_average_at_run_start": loads,
         "servers": {s.name: s.cmd for s in servers},
         "ours_env": {**OURS_ENV, **dict(args.env)},
         "scenarios": scenarios,
