@@ -85,9 +85,10 @@ class ChildPool:
         return len(self._starting)
 
     def start(self) -> None:
-        """Begin keeping the reserve (call once the event loop runs); before this, and
-        for a pool that is never started, children are only started on demand."""
-        self._keeps_reserve = True
+        """Begin keeping the reserve (call once the event loop runs). Before this, for a
+        pool that is never started, and with `size` 0 (no reserve asked for, so none grows
+        either), children are only started on demand."""
+        self._keeps_reserve = self.size > 0
         self._refill()
 
     async def acquire(self) -> ChildProcess:

@@ -128,13 +128,17 @@ async def test_pool_shrinks_back_to_size_after_idle(isolation: Isolation) -> Non
         await pool.close()
 
 
-async def test_pool_that_is_not_started_starts_children_only_on_demand(
-    isolation: Isolation,
+@pytest.mark.parametrize("started", [False, True])
+async def test_pool_of_size_zero_or_not_started_starts_children_only_on_demand(
+    isolation: Isolation, started: bool
 ) -> None:
-    pool = ChildPool(settings_for(), isolation=isolation, size=0)
+    pool = ChildPool(settings_for(pool_size=0, pool_max=4), isolation=isolation)
+    if started:
+        pool.start()
     try:
         child = await pool.acquire()
-        assert child.alive and pool.spawned == 1
+        assert child.alive and pool.spawned == 1 and pool.misses == 1
+        # Nothing started after it: no reserve, and no growth of one.
         assert pool.warm == 0 and pool.starting == 0 and pool.target == 0
         pool.discard(child)
     finally:
