@@ -65,6 +65,8 @@ class Settings:
     require_isolation: bool = False
     # Sessions at scale: warm children, idle culling, replay buffers for reattaching.
     pool_size: int = 2
+    # The reserve grows up to this when requests find it empty, and shrinks back when idle.
+    pool_max: int = 8
     session_idle_s: float = 1800.0
     replay_buffer_bytes: int = 1 * MiB
     log_format: str = "text"
@@ -213,6 +215,7 @@ ENV_VARS: dict[str, str] = {
     "bubblewrap_path": "REPL_BUBBLEWRAP_PATH",
     "require_isolation": "REPL_REQUIRE_ISOLATION",
     "pool_size": "REPL_POOL_SIZE",
+    "pool_max": "REPL_POOL_MAX",
     "session_idle_s": "REPL_SESSION_IDLE_S",
     "replay_buffer_bytes": "REPL_REPLAY_BUFFER_BYTES",
     "log_format": "REPL_LOG_FORMAT",
