@@ -1,9 +1,10 @@
 """Which isolation layers this server can apply, and one lease of them per child.
 
 A lease is what one child runs under for its whole life: an unprivileged uid of its own
-(when the server is root), a private working directory, a pids cgroup, a network
-namespace and/or a seccomp filter. Leases are released only after every process of the
-child is dead, so a uid or directory is never handed on while something still uses it.
+(when the server is root), its own filesystem (working directory and temporary directories,
+sessionfs.py), a pids cgroup, a network namespace and the seccomp filter. Leases are
+released only after every process of the child is dead, so a uid or directory is never
+handed on while something still uses it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import replchild
 from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError
 from .sandbox import Confinement, make_undumpable
-from .seccomp import SockFprog, compile_filter
+from .seccomp import BWRAP_NEEDS, SockFprog, compile_filter
+from .sessionfs import SessionFilesystems, SessionFs, enter_own_mount_namespace, remove_owned
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,14 @@ class Lease:
     """One child's share of the isolation layers."""
 
     uid: int | None
-    workdir: Path
+    fs: SessionFs
     cgroup: ChildCgroup | None
     confinement: Confinement
+
+    @property
+    def workdir(self) -> Path:
+        """The session's working directory, as the server sees it (and the code does)."""
+        return self.fs.workdir
 
 
 @dataclass
@@ -52,6 +59,9 @@ class Layers:
     uid_separation: bool = False
     network_namespace: bool = False
     seccomp: bool = False
+    seccomp_mode: str = "off"
+    private_tmp: bool = False
+    disk_quota: int | None = None
     bubblewrap: bool = False
     pids_cgroup: bool = False
     rlimits: bool = True
@@ -65,6 +75,9 @@ class Layers:
             "uidSeparation": self.uid_separation,
             "networkNamespace": self.network_namespace,
             "seccomp": self.seccomp,
+            "seccompMode": self.seccomp_mode,
+            "privateTmp": self.private_tmp,
+            "diskQuota": self.disk_quota,
             "bubblewrap": self.bubblewrap,
             "pidsCgroup": self.pids_cgroup,
             "rlimits": self.rlimits,
@@ -92,15 +105,20 @@ class Isolation:
         self._uid_lock_dir = Path(tempfile.gettempdir()) / "replserver-uids"
         if self.root:
             self._uid_lock_dir.mkdir(mode=0o700, exist_ok=True)
-        self._seccomp: SockFprog | None = None
-        self.netns = False
-        if settings.network == "none":
-            self._seccomp = compile_filter()
-            # unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN, which a container's root lacks
-            # unless it is added: without it, seccomp alone keeps the network out.
-            self.netns = self.root and has_capability(CAP_SYS_ADMIN)
         self.cgroups = CgroupTree.create() if settings.cgroups == "auto" else None
         self.bwrap = shutil.which(settings.bubblewrap_path) if settings.bubblewrap else None
+        # Every child, whatever the server runs as. bubblewrap builds its sandbox with mount
+        # calls after the filter is in place: those stay open under it.
+        self._seccomp: SockFprog | None = compile_filter(
+            deny_sockets=settings.network == "none", relax=BWRAP_NEEDS if self.bwrap else ()
+        )
+        # Namespaces need CAP_SYS_ADMIN, which a container's root lacks unless it is added:
+        # without it, seccomp alone keeps the network out, and temporary directories are
+        # shared (see notes).
+        self.has_seccomp = self._seccomp is not None
+        self.may_mount = self.root and has_capability(CAP_SYS_ADMIN)
+        self.netns = self.may_mount and settings.network == "none"
+        own_namespace = self.may_mount and enter_own_mount_namespace()
         base = Path(settings.work_dir or tempfile.gettempdir())
         self.work_base = base / f"replserver-{os.getpid()}-{secrets.token_hex(4)}"
         # 0711: children may enter their own directory below but not list the others.
@@ -111,6 +129,14 @@ class Isolation:
         self.python = settings.python
         self.runner_dir = self.work_base / "runner"
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
+        self.fs = SessionFilesystems(
+            self.work_base,
+            private=self.may_mount,
+            size_bytes=settings.limit_disk_bytes,
+            keep=[self.runner_dir, python_environment(self.python)],
+        )
+        if self.may_mount and not own_namespace:
+            log.info("the server has threads: session filesystems are mounted in its namespace")
         self.layers = Layers(
             uid_separation=self.root,
             network_namespace=self.netns,
@@ -131,6 +157,13 @@ class Isolation:
         elif self.root and not self.netns:
             self.layers.notes.append(
                 "no CAP_SYS_ADMIN: no network namespace per child; seccomp refuses sockets"
+            )
+        if not self.may_mount:
+            self.layers.notes.append(
+                "shared temporary directories: /tmp, /var/tmp and /dev/shm are the host's,"
+                " visible to every session (names of files, and their contents where their"
+                " modes allow: sessions run with umask 077), and there is no disk quota;"
+                " it takes root with CAP_SYS_ADMIN to give each session its own"
             )
 
     def fall_back_to_base_python(self) -> bool:
@@ -176,18 +209,17 @@ class Isolation:
     def lease(self) -> Lease:
         """Everything one new child needs; raises ChildStartError when uids run out."""
         uid = self._take_uid() if self.separate_uids else None
-        workdir = self.work_base / f"s-{secrets.token_hex(8)}"
         try:
-            workdir.mkdir(mode=0o700)
-            if uid is not None:
-                os.chown(workdir, uid, uid)
+            fs = self.fs.create(secrets.token_hex(8), uid)
         except OSError as exc:
             if uid is not None:
                 self._give_back_uid(uid)
             raise ChildStartError(f"could not create the session's directory: {exc}") from exc
         cgroup = self.cgroups.new(self._settings.limit_processes) if self.cgroups else None
-        confinement = Confinement(uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp)
-        return Lease(uid=uid, workdir=workdir, cgroup=cgroup, confinement=confinement)
+        confinement = Confinement(
+            uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp, mounts=fs.mounts
+        )
+        return Lease(uid=uid, fs=fs, cgroup=cgroup, confinement=confinement)
 
     def command(self, lease: Lease | None) -> list[str]:
         """The child's command line: the runner, inside bubblewrap when that is on."""
@@ -197,17 +229,27 @@ class Isolation:
         home = str(lease.workdir)
         # The interpreter's environment (a venv), if it lives under /tmp, must stay visible
         # through the private /tmp.
-        env_root = os.path.realpath(Path(self.python).parent.parent)
+        env_root = str(python_environment(self.python))
         keep = ("--ro-bind", env_root, env_root) if env_root.startswith("/tmp/") else ()
+        if lease.fs.root is not None:
+            # The child's mount namespace already has the session's own temporary
+            # directories (inside its quota) in place: carry them into the sandbox.
+            temp: tuple[str, ...] = ("--bind", "/tmp", "/tmp", "--bind", "/var/tmp", "/var/tmp")
+            temp += ("--bind", "/dev/shm", "/dev/shm")
+            keep = ()
+        else:
+            temp = ("--tmpfs", "/tmp")
         # Read-only root, private /tmp and /dev, its own /proc and pid namespace; only the
         # session's directory is writable. --die-with-parent and the pid namespace take
         # every process of the sandbox down with it.
         return [
             self.bwrap,
-            *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"),
+            *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *temp),
             *keep,
             *("--bind", home, home, "--ro-bind", str(self.runner_dir), str(self.runner_dir)),
-            *("--unshare-pid", "--die-with-parent", "--chdir", home, "--"),
+            *("--unshare-pid", "--die-with-parent", "--chdir", home),
+            # Our filter lets bubblewrap make namespaces; nothing inside may make another.
+            *("--unshare-user", "--disable-userns", "--"),
             *child,
         ]
 
@@ -227,8 +269,11 @@ class Isolation:
                     "uid %d is not reused: its processes were not checked: %s", lease.uid, exc
                 )
                 uid_free = False
-        await asyncio.to_thread(_remove_workdir, lease.workdir)
+        await asyncio.to_thread(self.fs.remove, lease.fs)
         if uid_free and lease.uid is not None:
+            if lease.fs.root is None:
+                # Shared temporary directories: what this uid left there goes with it.
+                await asyncio.to_thread(remove_owned, lease.uid)
             self._give_back_uid(lease.uid)
 
     def _take_uid(self) -> int:
@@ -273,6 +318,7 @@ class Isolation:
         if self.cgroups is not None:
             await self.cgroups.remove()
             self.cgroups = None
+        await asyncio.to_thread(self.fs.close)
         await asyncio.to_thread(shutil.rmtree, self.work_base, True)
 
 
@@ -339,6 +385,11 @@ def unreachable_interpreter(python: str) -> str:
         " outside /root (e.g. /usr/bin/python3 -m venv /opt/replserver) or make this one"
         " readable and executable by other users"
     )
+
+
+def python_environment(python: str) -> Path:
+    """The directory holding the interpreter's environment (a venv's root, or a prefix)."""
+    return Path(os.path.realpath(Path(python).parent.parent))
 
 
 CAP_SYS_ADMIN = 21

@@ -50,6 +50,9 @@ class Settings:
     limit_file_bytes: int = 1024 * MiB
     limit_open_files: int = 1024
     limit_processes: int = 256
+    # Everything a session may write (working directory, /tmp, /var/tmp, /dev/shm): the size
+    # of its own tmpfs, where the server may mount one (SECURITY.md); 0: no quota, on disk.
+    limit_disk_bytes: int = 1024 * MiB
     # "auto": a pids cgroup per child where the server may create one; "off": never.
     cgroups: str = "auto"
     # Isolation (SECURITY.md). "none": no network for user code; "host": the host's.
@@ -207,6 +210,7 @@ ENV_VARS: dict[str, str] = {
     "limit_file_bytes": "REPL_LIMIT_FILE_BYTES",
     "limit_open_files": "REPL_LIMIT_OPEN_FILES",
     "limit_processes": "REPL_LIMIT_PROCESSES",
+    "limit_disk_bytes": "REPL_LIMIT_DISK_BYTES",
     "cgroups": "REPL_CGROUPS",
     "network": "REPL_NETWORK",
     "uid_range": "REPL_UID_RANGE",
