@@ -104,7 +104,10 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
         layers.seccomp_mode = "off"
     log.info("isolation in force: %s", layers.as_json())
     missing = missing_layers(settings, isolation)
-    if isolation.may_mount and not (layers.private_tmp and layers.disk_quota):
+    # Root without CAP_SYS_ADMIN (a default container) falls back to shared temporary
+    # directories with umask 077 and a clean-up per uid, and says so in the notes.
+    quota = layers.disk_quota or not settings.limit_disk_bytes
+    if (isolation.may_mount or not isolation.root) and not (layers.private_tmp and quota):
         missing.append("private temporary directories and a disk quota")
     if isolation.has_seccomp and layers.seccomp_mode != "deny-list":
         missing.append("the seccomp deny-list")
