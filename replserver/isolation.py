@@ -165,6 +165,11 @@ class Isolation:
                 " modes allow: sessions run with umask 077), and there is no disk quota;"
                 " it takes root with CAP_SYS_ADMIN to give each session its own"
             )
+            if _sysctl("fs/protected_symlinks") == "0":
+                self.layers.notes.append(
+                    "fs.protected_symlinks is 0 on this host: a symlink one session plants in"
+                    " a shared temporary directory can redirect another's writes (set it to 1)"
+                )
 
     def fall_back_to_base_python(self) -> bool:
         """The children's uid cannot run the configured interpreter (a virtual environment
@@ -393,6 +398,13 @@ def python_environment(python: str) -> Path:
 
 
 CAP_SYS_ADMIN = 21
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return ""
 
 
 def has_capability(cap: int) -> bool:

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from replserver.seccomp import CHECKED, DENIED
+from replserver.sessionfs import BYTES_PER_INODE, MIN_INODES
 
 from . import servers
 
@@ -157,6 +158,10 @@ async def test_without_cap_sys_admin_temp_files_are_private_by_mode_and_removed(
         assert layers["uidSeparation"] is True and layers["privateTmp"] is False, layers
         assert layers["diskQuota"] is None
         assert any("shared temporary directories" in note for note in layers["notes"]), layers
+        # Where the host lets symlinks in sticky directories be followed, the notes say so.
+        unprotected = Path("/proc/sys/fs/protected_symlinks").read_text().strip() == "0"
+        warned = any("protected_symlinks is 0" in note for note in layers["notes"])
+        assert warned == unprotected, layers
         name = f"notes-{secrets.token_hex(4)}.txt"
         modes = await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
         assert modes.split() == ["0o600"] * 3  # umask 077
@@ -243,6 +248,9 @@ async def test_a_full_quota_is_the_sessions_problem_alone(tmp_path: Path) -> Non
         written, error = int(reply.split()[0]), reply.split()[1]
         assert error in ("ENOSPC", "EDQUOT")
         assert QUOTA - MiB <= written <= QUOTA
+        # Inodes, whose kernel memory the size does not count, are bounded too.
+        inodes = await srv.out("a", "import os\nprint(os.statvfs('.').f_files)")
+        assert int(inodes) == max(MIN_INODES, QUOTA // BYTES_PER_INODE)
         # Its temporary directories are inside the same quota.
         more = "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    print(*fill(d + '/more'))"
         lines = (await srv.out("a", FILL + more)).splitlines()
@@ -266,6 +274,8 @@ async def test_the_quotas_space_comes_back_when_the_session_ends(tmp_path: Path)
         pid_b = int((await srv.out("b", where)).split()[0])
         fs_a = str(Path(cwd_a).parent / Path(cwd_a).name.replace("s-", "fs-", 1))
         assert f" {fs_a} " in mountinfo(srv.pid)
+        # In the server's own mount namespace: never on the host's (this process's).
+        assert f" {fs_a} " not in mountinfo(os.getpid())
         # The bystander's namespace holds a copy of the mount; it must not keep it alive.
         assert f" {fs_a} " in mountinfo(pid_b)
         await srv.delete("a")
