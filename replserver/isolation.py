@@ -118,7 +118,13 @@ class Isolation:
         self.has_seccomp = self._seccomp is not None
         self.may_mount = self.root and has_capability(CAP_SYS_ADMIN)
         self.netns = self.may_mount and settings.network == "none"
-        own_namespace = self.may_mount and enter_own_mount_namespace()
+        # A security module (Docker's default AppArmor profile) may refuse mounts even so.
+        mount_error: OSError | None = None
+        own_namespace = False
+        try:
+            own_namespace = self.may_mount and enter_own_mount_namespace()
+        except OSError as exc:
+            mount_error = exc
         base = Path(settings.work_dir or tempfile.gettempdir())
         self.work_base = base / f"replserver-{os.getpid()}-{secrets.token_hex(4)}"
         # 0711: children may enter their own directory below but not list the others.
@@ -129,13 +135,18 @@ class Isolation:
         self.python = settings.python
         self.runner_dir = self.work_base / "runner"
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
-        self.fs = SessionFilesystems(
-            self.work_base,
-            private=self.may_mount,
-            size_bytes=settings.limit_disk_bytes,
-            keep=[self.runner_dir, python_environment(self.python)],
-        )
-        if self.may_mount and not own_namespace:
+        keep = [self.runner_dir, python_environment(self.python)]
+        try:
+            self.fs = SessionFilesystems(
+                self.work_base,
+                private=self.may_mount and mount_error is None,
+                size_bytes=settings.limit_disk_bytes,
+                keep=keep,
+            )
+        except OSError as exc:
+            mount_error = exc
+            self.fs = SessionFilesystems(self.work_base, private=False, size_bytes=0, keep=keep)
+        if self.fs.private and not own_namespace:
             log.info("the server has threads: session filesystems are mounted in its namespace")
         self.layers = Layers(
             uid_separation=self.root,
@@ -158,7 +169,10 @@ class Isolation:
             self.layers.notes.append(
                 "no CAP_SYS_ADMIN: no network namespace per child; seccomp refuses sockets"
             )
-        if not self.may_mount:
+        if mount_error is not None:
+            log.warning("cannot mount session filesystems: %s", mount_error)
+            self.layers.notes.append(f"cannot mount session filesystems: {mount_error}")
+        if not self.fs.private:
             self.layers.notes.append(
                 "shared temporary directories: /tmp, /var/tmp and /dev/shm are the host's,"
                 " visible to every session (names of files, and their contents where their"
