@@ -24,6 +24,7 @@ uid left there is removed when the uid is released.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -149,21 +150,23 @@ class SessionFilesystems:
             shutil.rmtree(workdir, ignore_errors=True)
             return
         for path in (workdir, root):
-            if os.path.ismount(path):
-                try:
-                    umount(str(path))
-                except OSError as exc:
-                    log.warning("could not unmount %s: %s", path, exc)
+            _unmount(path)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
 
     def close(self) -> None:
         """Unmount the base (blocking); the sessions' filesystems are gone by now."""
-        if self.private and os.path.ismount(self.base):
-            try:
-                umount(str(self.base))
-            except OSError as exc:
-                log.warning("could not unmount %s: %s", self.base, exc)
+        if self.private:
+            _unmount(self.base)
+
+
+def _unmount(path: Path) -> None:
+    # Not os.path.ismount: a bind mount from the same filesystem looks like a directory.
+    try:
+        umount(str(path))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: not a mount point
+            log.warning("could not unmount %s: %s", path, exc)
 
 
 def _below(path: Path | str, directory: str) -> bool:
