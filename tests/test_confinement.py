@@ -281,8 +281,26 @@ async def test_the_quotas_space_comes_back_when_the_session_ends(tmp_path: Path)
         await srv.delete("a")
         await poll(lambda: f" {fs_a} " not in mountinfo(srv.pid))
         await poll(lambda: f" {fs_a} " not in mountinfo(pid_b))
-        assert not Path(cwd_a).exists() and not Path(fs_a).exists()
+        await poll(lambda: not Path(cwd_a).exists() and not Path(fs_a).exists())
         assert int(pid_a) > 0 and await srv.out("b", "print('alive')") == "alive\n"
+
+
+async def test_without_a_quota_the_private_dirs_live_on_disk(tmp_path: Path) -> None:
+    async with server(tmp_path, REPL_LIMIT_DISK_BYTES="0") as srv:
+        layers = await srv.isolation()
+        assert layers["privateTmp"] is True and layers["diskQuota"] is None, layers
+        name = f"notes-{secrets.token_hex(4)}.txt"
+        await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
+        seen = (await srv.out("b", READ_EACH.format(dirs=TEMP_DIRS, name=name))).splitlines()
+        assert seen == ["FileNotFoundError False"] * 3, seen
+        cwd = (await srv.out("a", "import os\nprint(os.getcwd())")).strip()
+        disk = os.statvfs(Path(cwd).parent.parent)  # the work directory's filesystem
+        assert await srv.out("a", "import os\nprint(os.statvfs('/tmp').f_blocks)") == (
+            f"{disk.f_blocks}\n"
+        )
+        await srv.delete("a")
+        await poll(lambda: f" {cwd} " not in mountinfo(srv.pid))
+        assert not Path(cwd).exists()
 
 
 # --- symlinks planted in shared places -----------------------------------------------------
@@ -393,10 +411,13 @@ async def test_ordinary_programs_still_work_under_the_filter(tmp_path: Path) -> 
         "shell = subprocess.run(['sh', '-c', 'echo shell'], capture_output=True, text=True)\n"
         "print(shell.stdout, end='')\n"
         "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
-        "with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+        # close and join, not the with-block: its terminate() SIGTERMs forked workers, which
+        # carry the runner's SIGTERM handler and take the session down (seen on main too).
+        "for method, n in (('fork', 2), ('spawn', 1)):\n"
+        "    pool = multiprocessing.get_context(method).Pool(n)\n"
         "    print(sum(pool.map(abs, range(-3, 0))))\n"
-        "with multiprocessing.get_context('spawn').Pool(1) as pool:\n"
-        "    print(pool.apply(abs, (-4,)))\n"
+        "    pool.close()\n"
+        "    pool.join()\n"
         "a, b = socket.socketpair(); a.send(b'unix'); print(b.recv(4).decode())\n"
         "with tempfile.TemporaryFile() as f:\n"
         "    print(f.write(b'temp'))\n"
@@ -405,4 +426,4 @@ async def test_ordinary_programs_still_work_under_the_filter(tmp_path: Path) -> 
     )
     async with server(tmp_path) as srv:
         out = await srv.out("a", code)
-    assert out == "shell\nthread\n6\n4\nunix\n4\nTrue\n", out
+    assert out == "shell\nthread\n6\n6\nunix\n4\nTrue\n", out
