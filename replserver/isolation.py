@@ -172,7 +172,7 @@ class Isolation:
         if mount_error is not None:
             log.warning("cannot mount session filesystems: %s", mount_error)
             self.layers.notes.append(f"cannot mount session filesystems: {mount_error}")
-        if not self.fs.private:
+        if not self.fs.private and self.bwrap is None:  # bubblewrap has a /tmp of its own
             self.layers.notes.append(
                 "shared temporary directories: /tmp, /var/tmp and /dev/shm are the host's,"
                 " visible to every session (names of files, and their contents where their"
