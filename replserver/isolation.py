@@ -236,7 +236,12 @@ class Isolation:
             raise ChildStartError(f"could not create the session's directory: {exc}") from exc
         cgroup = self.cgroups.new(self._settings.limit_processes) if self.cgroups else None
         confinement = Confinement(
-            uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp, mounts=fs.mounts
+            uid=uid,
+            gid=uid,
+            new_netns=self.netns,
+            seccomp=self._seccomp,
+            mounts=fs.mounts,
+            cwd=str(fs.workdir) if fs.mounts else "",
         )
         return Lease(uid=uid, fs=fs, cgroup=cgroup, confinement=confinement)
 

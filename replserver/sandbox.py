@@ -79,6 +79,9 @@ class Confinement:
     # Bind mounts (source, target, flags) made in a new mount namespace, in order; none:
     # the child shares the server's mounts.
     mounts: tuple[tuple[str, str, int], ...] = ()
+    # The working directory, entered again once the mounts are made: the one Popen entered
+    # lies in the covered tree, whose ".." leads where the child has no business.
+    cwd: str = ""
 
 
 def make_undumpable() -> None:
@@ -122,6 +125,7 @@ def make_preexec(confinement: Confinement) -> Callable[[], None]:
     seccomp_addr = ctypes.addressof(seccomp) if seccomp is not None else 0
     mounts = [(src.encode(), dst.encode(), flags) for src, dst, flags in confinement.mounts]
     namespaces = (CLONE_NEWNET if new_netns else 0) | (CLONE_NEWNS if mounts else 0)
+    cwd = confinement.cwd
 
     def prepare() -> None:
         # A network namespace of its own, with only a loopback that is down, and a mount
@@ -136,6 +140,8 @@ def make_preexec(confinement: Confinement) -> Callable[[], None]:
             for src, dst, flags in mounts:
                 if _mount(src, dst, None, flags, None) != 0:
                     _fail(f"mount({src!r}, {dst!r})")
+            if cwd:
+                os.chdir(cwd)
         # Files the session creates are its own alone, even where a directory is shared.
         os.umask(UMASK)
         if uid is not None and gid is not None:

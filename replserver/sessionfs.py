@@ -115,10 +115,10 @@ class SessionFilesystems:
         try:
             if self.size_bytes:
                 inodes = max(MIN_INODES, self.size_bytes // BYTES_PER_INODE)
-                options = f"size={self.size_bytes},nr_inodes={inodes},mode=0711"
+                # 0700, root's: the child never walks through it by path (its directories
+                # are bound where it uses them), and no other session may either.
+                options = f"size={self.size_bytes},nr_inodes={inodes},mode=0700"
                 mount("tmpfs", str(root), "tmpfs", 0, options)
-            else:
-                root.chmod(0o711)
             home = root / "home"
             home.mkdir(mode=0o700)
             if uid is not None:

@@ -150,6 +150,33 @@ async def test_each_session_has_its_own_tmp_var_tmp_and_dev_shm(tmp_path: Path) 
         host_marker.unlink()
 
 
+ROUND_THE_COVER = """\
+import os
+mine = os.path.basename(os.getcwd()).replace('s-', 'fs-')
+# Other sessions' filesystems are named in this namespace's mount table (copies of the
+# server's mounts); try them from the working directory's parent, and by absolute path.
+found = {l.split()[4] for l in open('/proc/self/mountinfo') if '/fs-' in l}
+others = sorted({p for p in found if os.path.basename(p).startswith('fs-')} - {mine})
+print(len(others) > 0)
+for other in others:
+    for path in (f'../{os.path.basename(other)}/tmp/planted', f'{other}/tmp/planted'):
+        try:
+            open(path, 'w').write('x')
+            print('WROTE', path)
+        except OSError as exc:
+            print(type(exc).__name__)
+"""
+
+
+async def test_no_way_round_the_cover_into_another_sessions_tmp(tmp_path: Path) -> None:
+    async with server(tmp_path) as srv:
+        await srv.out("b", "print('here')")
+        out = (await srv.out("a", ROUND_THE_COVER)).split()
+        assert out[0] == "True", out  # the names are there to try
+        assert "WROTE" not in out and set(out[1:]) <= {"FileNotFoundError", "PermissionError"}
+        assert "planted" not in await srv.out("b", "import os\nprint(os.listdir('/tmp'))")
+
+
 async def test_without_cap_sys_admin_temp_files_are_private_by_mode_and_removed(
     tmp_path: Path,
 ) -> None:
