@@ -258,8 +258,7 @@ class Isolation:
         if lease.fs.root is not None:
             # The child's mount namespace already has the session's own temporary
             # directories (inside its quota) in place: carry them into the sandbox.
-            temp: tuple[str, ...] = ("--bind", "/tmp", "/tmp", "--bind", "/var/tmp", "/var/tmp")
-            temp += ("--bind", "/dev/shm", "/dev/shm")
+            temp = tuple(arg for d in self.fs.targets for arg in ("--bind", d, d))
             keep = ()
         else:
             temp = ("--tmpfs", "/tmp")

@@ -50,7 +50,7 @@ seen["cwdDev"] = os.stat(".").st_dev
 vfs = os.statvfs(".")
 seen["cwdBytes"] = vfs.f_blocks * vfs.f_frsize
 seen["temp"] = {}
-for path in ("/tmp", "/var/tmp", "/dev/shm"):
+for path in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
     try:
         st = os.stat(path)
     except OSError:

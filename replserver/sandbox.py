@@ -28,6 +28,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -124,12 +125,15 @@ def make_preexec(confinement: Confinement) -> Callable[[], None]:
     seccomp = confinement.seccomp
     seccomp_addr = ctypes.addressof(seccomp) if seccomp is not None else 0
     mounts = [(src.encode(), dst.encode(), flags) for src, dst, flags in confinement.mounts]
-    namespaces = (CLONE_NEWNET if new_netns else 0) | (CLONE_NEWNS if mounts else 0)
+    namespaces = CLONE_NEWNET if new_netns else 0
+    if mounts:
+        # SysV IPC objects and POSIX message queues are shared places too, named by key.
+        namespaces |= CLONE_NEWNS | CLONE_NEWIPC
     cwd = confinement.cwd
 
     def prepare() -> None:
-        # A network namespace of its own, with only a loopback that is down, and a mount
-        # namespace: both need root, so before the privileges go; one call for both.
+        # A network namespace of its own, with only a loopback that is down, a mount and
+        # an IPC namespace: they need root, so before the privileges go; one call for all.
         if namespaces and _unshare(namespaces) != 0:
             _fail(f"unshare({namespaces:#x})")
         if mounts:

@@ -5,7 +5,8 @@ tmpfs of REPL_LIMIT_DISK_BYTES (a plain directory when that is 0), mounted by th
 
     <base>/fs-<id>/            the session's filesystem (the quota covers all of it)
         home/                  bind-mounted at <base>/s-<id>: cwd, HOME, TMPDIR
-        tmp/ var-tmp/ shm/     the child's /tmp, /var/tmp, /dev/shm (1777, like the host's)
+        tmp/ var-tmp/ shm/     the child's /tmp, /var/tmp, /dev/shm, and /run/lock (run-lock/)
+                               where the host has it (1777, like the host's)
 
 The server, and through it the files API and snapshots, sees at <base>/s-<id> exactly the
 files the code sees in its cwd. In the child's mount namespace (sandbox.py makes it), the
@@ -47,7 +48,8 @@ from .sandbox import (
 log = logging.getLogger(__name__)
 
 # The host's shared temporary directories -> the session's own, by name inside its filesystem.
-TEMP_DIRS = {"/tmp": "tmp", "/var/tmp": "var-tmp", "/dev/shm": "shm"}
+# (/var/lock is a link to /run/lock, the FHS's other directory anyone may write to.)
+TEMP_DIRS = {"/tmp": "tmp", "/var/tmp": "var-tmp", "/dev/shm": "shm", "/run/lock": "run-lock"}
 # Kernel memory for inodes is not counted in a tmpfs's size: bound their number too.
 BYTES_PER_INODE = 16 * 1024
 MIN_INODES = 4096
@@ -98,6 +100,11 @@ class SessionFilesystems:
             mount(str(base), str(base), None, MS_BIND)
             mount("none", str(base), None, MS_PRIVATE)
             mount("none", str(base), None, MS_SHARED)
+
+    @property
+    def targets(self) -> list[str]:
+        """The host's temporary directories that each child gets its own of."""
+        return [target for target, _ in self._targets] if self.private else []
 
     def __repr__(self) -> str:
         return f"<SessionFilesystems {self.base} private={self.private} size={self.size_bytes}>"

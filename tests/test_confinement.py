@@ -30,7 +30,7 @@ from . import servers
 
 MiB = 1024 * 1024
 QUOTA = 8 * MiB
-TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+TEMP_DIRS = tuple(d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d))
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 NO_SYS_ADMIN = ("setpriv", "--bounding-set=-sys_admin")
 
@@ -134,7 +134,7 @@ async def test_each_session_has_its_own_tmp_var_tmp_and_dev_shm(tmp_path: Path) 
             name = f"notes-{secrets.token_hex(4)}.txt"
             await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
             seen = (await srv.out("b", READ_EACH.format(dirs=TEMP_DIRS, name=name))).splitlines()
-            assert seen == ["FileNotFoundError False"] * 3, seen
+            assert seen == ["FileNotFoundError False"] * len(TEMP_DIRS), seen
             # The session keeps its own files, and the host never had them.
             own = (await srv.out("a", READ_EACH.format(dirs=TEMP_DIRS, name=name))).splitlines()
             assert own == [f"secret of {d} True" for d in TEMP_DIRS], own
@@ -145,7 +145,7 @@ async def test_each_session_has_its_own_tmp_var_tmp_and_dev_shm(tmp_path: Path) 
             # A reset is a fresh child with fresh temporary directories.
             await srv.http.post(f"{srv.replica.base}/reset/a")
             again = (await srv.out("a", READ_EACH.format(dirs=TEMP_DIRS, name=name))).split()
-            assert again[::2] == ["FileNotFoundError"] * 3, again
+            assert again[::2] == ["FileNotFoundError"] * len(TEMP_DIRS), again
     finally:
         host_marker.unlink()
 
@@ -177,6 +177,28 @@ async def test_no_way_round_the_cover_into_another_sessions_tmp(tmp_path: Path) 
         assert "planted" not in await srv.out("b", "import os\nprint(os.listdir('/tmp'))")
 
 
+SHM = """\
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+key = 0x5e551011
+ident = libc.shmget(key, 4096, {flags})
+print(ident >= 0, ctypes.get_errno())
+"""
+
+
+async def test_sysv_ipc_is_private_to_each_session(tmp_path: Path) -> None:
+    ipc_creat, ipc_rmid = 0o1000, 0
+    async with server(tmp_path) as srv:
+        made = await srv.out("a", SHM.format(flags=ipc_creat | 0o666))
+        try:
+            assert made.split()[0] == "True", made
+            enoent = 2
+            assert (await srv.out("b", SHM.format(flags=0))).split() == ["False", str(enoent)]
+        finally:
+            remove = SHM.format(flags=0) + f"libc.shmctl(ident, {ipc_rmid}, None)"
+            await srv.out("a", remove)
+
+
 async def test_without_cap_sys_admin_temp_files_are_private_by_mode_and_removed(
     tmp_path: Path,
 ) -> None:
@@ -191,10 +213,10 @@ async def test_without_cap_sys_admin_temp_files_are_private_by_mode_and_removed(
         assert warned == unprotected, layers
         name = f"notes-{secrets.token_hex(4)}.txt"
         modes = await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
-        assert modes.split() == ["0o600"] * 3  # umask 077
+        assert modes.split() == ["0o600"] * len(TEMP_DIRS)  # umask 077
         assert all(Path(d, name).exists() for d in TEMP_DIRS)  # shared: the host's
         seen = (await srv.out("b", READ_EACH.format(dirs=TEMP_DIRS, name=name))).splitlines()
-        assert seen == ["PermissionError True"] * 3, seen  # names visible, contents not
+        assert seen == ["PermissionError True"] * len(TEMP_DIRS), seen  # names, not contents
         # What the session's uid left in the shared directories goes when the uid does.
         await srv.delete("a")
         await poll(lambda: not any(Path(d, name).exists() for d in TEMP_DIRS))
@@ -221,7 +243,7 @@ async def test_nobody_server_says_temp_dirs_are_shared(tmp_path: Path) -> None:
         name = f"notes-{secrets.token_hex(4)}.txt"
         try:
             modes = await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
-            assert modes.split() == ["0o600"] * 3  # umask 077
+            assert modes.split() == ["0o600"] * len(TEMP_DIRS)  # umask 077
         finally:
             for d in TEMP_DIRS:
                 Path(d, name).unlink(missing_ok=True)
@@ -319,7 +341,7 @@ async def test_without_a_quota_the_private_dirs_live_on_disk(tmp_path: Path) -> 
         name = f"notes-{secrets.token_hex(4)}.txt"
         await srv.out("a", WRITE_EACH.format(dirs=TEMP_DIRS, name=name))
         seen = (await srv.out("b", READ_EACH.format(dirs=TEMP_DIRS, name=name))).splitlines()
-        assert seen == ["FileNotFoundError False"] * 3, seen
+        assert seen == ["FileNotFoundError False"] * len(TEMP_DIRS), seen
         cwd = (await srv.out("a", "import os\nprint(os.getcwd())")).strip()
         disk = os.statvfs(Path(cwd).parent.parent)  # the work directory's filesystem
         assert await srv.out("a", "import os\nprint(os.statvfs('/tmp').f_blocks)") == (
