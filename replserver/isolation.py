@@ -10,7 +10,6 @@ handed on while something still uses it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -374,14 +373,6 @@ def install_runner(source: str, directory: Path) -> str:
         copy.chmod(0o644)
         py_compile.compile(str(copy), doraise=True)
     return str(directory / "runner_child.py")
-
-
-def _remove_workdir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    # rmtree needs a descriptor per level; out of them (EMFILE, the very reason a spawn may
-    # have failed), an empty directory still goes with a plain rmdir.
-    with contextlib.suppress(OSError):
-        path.rmdir()
 
 
 def hidden_part(path: str) -> str:

@@ -25,6 +25,7 @@ uid left there is removed when the uid is released.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -153,13 +154,16 @@ class SessionFilesystems:
         self._remove(fs.workdir, fs.root)
 
     def _remove(self, workdir: Path, root: Path | None) -> None:
-        if root is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-            return
-        for path in (workdir, root):
-            _unmount(path)
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+        paths = [workdir] if root is None else [workdir, root]
+        if root is not None:
+            for path in paths:
+                _unmount(path)
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+            # rmtree needs a descriptor per level; out of them (EMFILE, the very reason a
+            # spawn may have failed), an empty directory still goes with rmdir.
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
     def close(self) -> None:
         """Unmount the base (blocking); the sessions' filesystems are gone by now."""

@@ -15,7 +15,7 @@ import platform
 import secrets
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,9 @@ async def server(
 ) -> AsyncIterator[Server]:
     env.setdefault("REPL_LIMIT_DISK_BYTES", str(QUOTA))
     log = tmp_path / f"server-{secrets.token_hex(3)}.log"
-    replica = await servers.start(None, prefix=prefix, log=log, **env)
+    # Through a Callable[..., ...]: mypy would match **env against start's typed keywords.
+    start: Callable[..., Awaitable[servers.Replica]] = servers.start
+    replica = await start(prefix=prefix, log=log, **env)
     try:
         await replica.wait_ready()
         async with aiohttp.ClientSession() as http:
