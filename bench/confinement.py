@@ -59,7 +59,7 @@ async def main() -> None:
     isolation = Isolation(settings)
     assert isolation.fs.private, "needs root with CAP_SYS_ADMIN"
     private = isolation.fs
-    shared = SessionFilesystems(isolation.work_base, private=False, size_bytes=0, keep=[])
+    shared = SessionFilesystems(isolation.work_base, private=False, size_bytes=0)
     try:
         for live in (int(n) for n in args.live.split(",")):
             held = [await ChildProcess.spawn(settings, isolation=isolation) for _ in range(live)]

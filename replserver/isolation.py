@@ -134,17 +134,15 @@ class Isolation:
         self.python = settings.python
         self.runner_dir = self.work_base / "runner"
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
-        keep = [self.runner_dir, python_environment(self.python)]
         try:
             self.fs = SessionFilesystems(
                 self.work_base,
                 private=self.may_mount and mount_error is None,
                 size_bytes=settings.limit_disk_bytes,
-                keep=keep,
             )
         except OSError as exc:
             mount_error = exc
-            self.fs = SessionFilesystems(self.work_base, private=False, size_bytes=0, keep=keep)
+            self.fs = SessionFilesystems(self.work_base, private=False, size_bytes=0)
         if self.fs.private and not own_namespace:
             log.info("the server has threads: session filesystems are mounted in its namespace")
         self.layers = Layers(
@@ -228,7 +226,10 @@ class Isolation:
         """Everything one new child needs; raises ChildStartError when uids run out."""
         uid = self._take_uid() if self.separate_uids else None
         try:
-            fs = self.fs.create(secrets.token_hex(8), uid)
+            # What the child must reach at the same path: the runner, and the interpreter's
+            # environment (the current one: a fallback may have changed it).
+            keep = [self.runner_dir, *python_environments(self.python)]
+            fs = self.fs.create(secrets.token_hex(8), uid, keep=keep)
         except OSError as exc:
             if uid is not None:
                 self._give_back_uid(uid)
@@ -252,8 +253,8 @@ class Isolation:
         home = str(lease.workdir)
         # The interpreter's environment (a venv), if it lives under /tmp, must stay visible
         # through the private /tmp.
-        env_root = str(python_environment(self.python))
-        keep = ("--ro-bind", env_root, env_root) if env_root.startswith("/tmp/") else ()
+        roots = [str(p) for p in python_environments(self.python) if str(p).startswith("/tmp/")]
+        keep = tuple(arg for root in roots for arg in ("--ro-bind", root, root))
         if lease.fs.root is not None:
             # The child's mount namespace already has the session's own temporary
             # directories (inside its quota) in place: carry them into the sandbox.
@@ -401,9 +402,12 @@ def unreachable_interpreter(python: str) -> str:
     )
 
 
-def python_environment(python: str) -> Path:
-    """The directory holding the interpreter's environment (a venv's root, or a prefix)."""
-    return Path(os.path.realpath(Path(python).parent.parent))
+def python_environments(python: str) -> list[Path]:
+    """The directories holding the interpreter's environment: a venv's root, and the
+    prefix of the Python it links to (which the venv's pyvenv.cfg names)."""
+    roots = [Path(os.path.realpath(Path(python).parent.parent))]
+    base = Path(os.path.realpath(python)).parent.parent
+    return roots if base in roots else [*roots, base]
 
 
 CAP_SYS_ADMIN = 21

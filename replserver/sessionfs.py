@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,10 @@ class SessionFs:
 class SessionFilesystems:
     """Makes and removes the sessions' filesystems under one base directory."""
 
-    def __init__(self, base: Path, *, private: bool, size_bytes: int, keep: list[Path]) -> None:
+    def __init__(self, base: Path, *, private: bool, size_bytes: int) -> None:
         self.base = base
         self.private = private
         self.size_bytes = size_bytes if private else 0
-        self._keep = keep  # paths every child must reach (the runner, the interpreter)
         targets: dict[str, str] = {}
         for target in TEMP_DIRS:
             real = os.path.realpath(target)
@@ -110,8 +110,9 @@ class SessionFilesystems:
     def __repr__(self) -> str:
         return f"<SessionFilesystems {self.base} private={self.private} size={self.size_bytes}>"
 
-    def create(self, name: str, uid: int | None) -> SessionFs:
-        """A new session's filesystem, owned by `uid`; raises OSError."""
+    def create(self, name: str, uid: int | None, *, keep: Sequence[Path] = ()) -> SessionFs:
+        """A new session's filesystem, owned by `uid`; raises OSError. `keep`: paths the
+        child must still reach where they lie below a covered directory."""
         workdir = self.base / f"s-{name}"
         workdir.mkdir(mode=0o700)
         if not self.private:
@@ -137,10 +138,10 @@ class SessionFilesystems:
                 inside = root / TEMP_DIRS[target]
                 inside.mkdir()
                 inside.chmod(0o1777)  # sticky: a session cannot move what the server made
-                for path in (workdir, *self._keep):
+                for path in (workdir, *keep):
                     if _below(path, real):
                         point = inside / os.path.relpath(path, real)
-                        _make_chain(inside, point)
+                        _make_chain(inside, point, real)
                         mounts.append((str(path), str(point), MS_BIND))
                 covers.append((str(inside), target, MS_BIND | MS_REC))
             mount(str(home), str(workdir), None, MS_BIND)
@@ -185,13 +186,17 @@ def _below(path: Path | str, directory: str) -> bool:
     return real == directory or real.startswith(directory.rstrip("/") + "/")
 
 
-def _make_chain(top: Path, point: Path) -> None:
-    """Directories from `top` down to `point`, root's and 0755: mount points to bind on."""
-    current = top
+def _make_chain(top: Path, point: Path, host: str) -> None:
+    """Directories from `top` down to `point` (mount points to bind on), each with the
+    owner and mode of its counterpart below `host`: the same path, the same permissions,
+    so no directory the host keeps closed opens up inside the cover."""
+    current, counterpart = top, Path(host)
     for part in point.relative_to(top).parts:
-        current = current / part
-        current.mkdir(mode=0o755, exist_ok=True)
-        current.chmod(0o755)
+        current, counterpart = current / part, counterpart / part
+        st = os.stat(counterpart)
+        current.mkdir(mode=0o700, exist_ok=True)
+        os.chown(current, st.st_uid, st.st_gid)
+        current.chmod(stat.S_IMODE(st.st_mode))
 
 
 def remove_owned(uid: int) -> int:
