@@ -439,6 +439,10 @@ class Runner:
                 os.close(fd)
             except OSError:
                 pass
+        # The runner's SIGTERM means "the server is gone: kill the session's group"; in a
+        # copy (a multiprocessing worker that its pool terminates) it must mean what it
+        # means to any process, or terminating a worker would kill the whole session.
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
 
     def on_sigint(self, signum: int, frame: object) -> None:
         # Between executions an interrupt (a timeout racing the completion) has nothing to
