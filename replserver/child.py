@@ -106,6 +106,11 @@ class ChildProcess:
         return f"<ChildProcess pid={self.pid} {state}>"
 
     @property
+    def lease(self) -> Lease | None:
+        """The isolation layers this child runs under (its uid, its working directory)."""
+        return self._lease
+
+    @property
     def alive(self) -> bool:
         return not self._gone.done() and self.error is None
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from . import completion
 from .child import ChildProcess
-from .errors import NoInputPending, SessionBusy, ShuttingDown
+from .errors import NoInputPending, ReplError, SessionBusy, ShuttingDown
 from .execution import Execution
+from .files import SessionDir, copy_files, has_entries
 from .metrics import Metrics
 from .pool import ChildPool
 from .settings import Settings
@@ -103,6 +104,42 @@ class Session:
             "rssBytes": rss,
             "cpuSeconds": cpu,
         }
+
+    def files(self) -> SessionDir | None:
+        """The working directory of the session's current child (None before it has one)."""
+        child = self._child
+        lease = child.lease if child is not None else None
+        return SessionDir(lease.workdir, lease.uid) if lease is not None else None
+
+    async def ensure_child(self) -> None:
+        """Give the session a child, and with it a working directory, without running code."""
+        child = self._child
+        if child is not None and child.alive:
+            return
+        async with self._lock:
+            await self._ensure_child()
+        self.last_active = time.time()
+
+    async def _carry_files(self, old: ChildProcess, new: ChildProcess) -> None:
+        """The files of the old child's directory follow the session to its new child.
+
+        A notebook's kernel restart keeps the files on disk; so do a reset and a crash here.
+        The old child is killed first (it is being discarded), so nothing of it writes
+        while the copy runs.
+        """
+        source, target = old.lease, new.lease
+        if source is None or target is None:
+            return
+        src = SessionDir(source.workdir, source.uid)
+        try:
+            if not await asyncio.to_thread(has_entries, src):
+                return
+            old.kill("the session was reset")
+            dst = SessionDir(target.workdir, target.uid)
+            copied = await asyncio.to_thread(copy_files, src, dst)
+            log.info("session %s: %d file(s) carried to its new process", self.id, copied)
+        except (OSError, ReplError) as exc:
+            log.warning("session %s: files not all carried to its new process: %s", self.id, exc)
 
     def lost_state(self, reason: str) -> None:
         """The next reply says earlier state is gone, and why (eviction, idle culling)."""
@@ -257,8 +294,21 @@ class Session:
             self._child = None
             if self._metrics is not None:
                 self._metrics.child_restarts.inc()
-            self._pool.discard(child, 0)
-        child = await self._pool.acquire()
+        old = child
+        try:
+            child = await self._pool.acquire()
+        except BaseException:
+            if old is not None:
+                self._pool.discard(old, 0)
+            raise
+        if old is not None:
+            try:
+                await self._carry_files(old, child)
+            except BaseException:
+                self._pool.discard(child)
+                raise
+            finally:
+                self._pool.discard(old, 0)
         if self.closed:
             self._pool.discard(child)
             raise ShuttingDown("the session was closed while starting")
@@ -267,7 +317,8 @@ class Session:
         return child
 
     async def reset(self) -> None:
-        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept.
+        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept
+        but the files of its working directory.
 
         The new child comes from the warm pool at once; the old one ends in the background.
         """
@@ -275,10 +326,26 @@ class Session:
             child, self._child = self._child, None
             self._lost_state = None
             self.execution_count = 0
+            try:
+                new = None if self.closed else await self._pool.acquire()
+            except BaseException:
+                if child is not None:
+                    self._pool.discard(child)
+                raise
             if child is not None:
-                self._pool.discard(child)
-            if not self.closed:
-                self._child = await self._pool.acquire()
+                try:
+                    if new is not None:
+                        await self._carry_files(child, new)
+                except BaseException:
+                    if new is not None:
+                        self._pool.discard(new)
+                    raise
+                finally:
+                    self._pool.discard(child)
+            if new is not None and self.closed:  # closed while the files were copied
+                self._pool.discard(new)
+                new = None
+            self._child = new
         self.last_active = time.time()
 
     def close(self, reason: str = "the session was closed") -> None:

@@ -31,6 +31,9 @@ class Settings:
     environment: str = "production"
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 * MiB
+    # One file uploaded to a session (PUT /sessions/{id}/files/...): streamed to its
+    # directory, so not bounded by max_body_bytes; the session's own limits apply too.
+    max_upload_bytes: int = 100 * MiB
     # Frames carry at most one output chunk (256 KiB) or one request (the body limit),
     # so this only has to catch corruption before it becomes a huge allocation.
     max_frame_bytes: int = 8 * MiB
@@ -198,6 +201,7 @@ ENV_VARS: dict[str, str] = {
     "environment": "ENVIRONMENT",
     "cors_origins": "CORS_ORIGINS",
     "max_body_bytes": "REPL_MAX_BODY_BYTES",
+    "max_upload_bytes": "REPL_MAX_UPLOAD_BYTES",
     "max_frame_bytes": "REPL_MAX_FRAME_BYTES",
     "stream_buffer_bytes": "REPL_STREAM_BUFFER_BYTES",
     "timeout_s": "REPL_TIMEOUT_S",
