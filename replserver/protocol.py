@@ -19,12 +19,14 @@ from replchild.wire import (
     INPUT_EOF,
     INPUT_PASSWORD,
     INPUT_VALUE,
+    PIECE_BYTES,
     REASON_EXCEPTION,
     REASON_EXIT,
     REASON_INTERRUPTED,
     REASON_MEMORY,
     REASON_OK,
     T_ANSWER,
+    SAVE,
     T_DISPLAY,
     T_DONE,
     T_EXEC,
@@ -35,6 +37,13 @@ from replchild.wire import (
     T_READY,
     T_RESULT,
     T_STARTUP,
+    T_LOAD,
+    T_LOADED,
+    T_PIECE,
+    T_READY,
+    T_RESULT,
+    T_SAVE,
+    T_SAVED,
     T_STDERR,
     T_STDOUT,
     encode,
@@ -51,6 +60,7 @@ __all__ = [
     "INPUT_EOF",
     "INPUT_PASSWORD",
     "INPUT_VALUE",
+    "PIECE_BYTES",
     "REASON_EXCEPTION",
     "REASON_EXIT",
     "REASON_INTERRUPTED",
@@ -58,6 +68,8 @@ __all__ = [
     "REASON_NAMES",
     "REASON_OK",
     "T_ANSWER",
+    "SAVE",
+    "SNAPSHOT_FRAMES",
     "T_DISPLAY",
     "T_DONE",
     "T_EXEC",
@@ -68,6 +80,13 @@ __all__ = [
     "T_READY",
     "T_RESULT",
     "T_STARTUP",
+    "T_LOAD",
+    "T_LOADED",
+    "T_PIECE",
+    "T_READY",
+    "T_RESULT",
+    "T_SAVE",
+    "T_SAVED",
     "T_STDERR",
     "T_STDOUT",
     "Done",
@@ -89,6 +108,10 @@ REASON_NAMES = {
     REASON_INTERRUPTED: "interrupted",
     REASON_MEMORY: "memory",
 }
+
+
+# What the child sends while a snapshot is saved or restored.
+SNAPSHOT_FRAMES = frozenset((T_PIECE, T_SAVED, T_LOADED))
 
 
 class Malformed(ValueError):

@@ -205,7 +205,10 @@ async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.S
                     # No input request reaches /execute: its code gets EOFError from input().
         await body.write(output.feed(b"", final=True) + b'"')
         await _write_error(body, err, server_text(execution, output_limit))
-        rest = json.dumps({"result": result, "displays": displays, **completion_fields(run)})
+        fields = {"result": result, "displays": displays, **completion_fields(run)}
+        if run.restored is not None:
+            fields["restored"] = run.restored
+        rest = json.dumps(fields)
         await body.close(b", " + rest[1:].encode())
     except ConnectionError:
         pass  # the client went away; the execution ran on to its end or runs on unread
@@ -251,6 +254,8 @@ class EventRenderer:
         elif reason is not None:
             notice = f"[the session was restarted ({reason}): earlier state is lost]\n"
             events.append((dumps({"type": "error", "content": notice}), "0"))
+        if run.restored is not None and self._rich:
+            events.append((dumps({"type": "restore", **run.restored}), "0"))
         if self._rich:
             start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
             events.append((dumps(start), "0"))

@@ -20,7 +20,8 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 def test_settings(**overrides: Any) -> Settings:
     """Settings for tests: defaults, not the environment of whoever runs pytest."""
-    values: dict[str, Any] = {"shutdown_grace_s": 1.0}
+    # Snapshots off unless a test asks: a default store would carry state between tests.
+    values: dict[str, Any] = {"shutdown_grace_s": 1.0, "snapshot_store": "off"}
     values.update(overrides)
     return Settings.from_env({}, **values)
 
