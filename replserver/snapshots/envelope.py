@@ -5,7 +5,11 @@ a session's new process. The MAC covers the header (which names the session) and
 so a snapshot cannot be altered, cut short, or moved to another session's id without the
 key; one written under another key, or damaged, is refused the same way.
 
-    MAC (32 bytes, HMAC-SHA256 of the rest) | MAGIC | header length (4) | JSON header | bytes
+    MAC (32 bytes, HMAC-SHA256 of the rest) | MAGIC | total size (8) | header size (4)
+    | JSON header | bytes
+
+The total size tells a snapshot cut short (a full disk, a copy interrupted) from a forged
+or damaged one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import asdict, dataclass
 MAGIC = b"replserver-snapshot-1\n"
 FORMAT = 1  # of the header; a stored snapshot of another format is refused as too old
 MAC_SIZE = hashlib.sha256().digest_size
-_LENGTH = struct.Struct(">I")
+_SIZES = struct.Struct(">QI")
 _MAX_HEADER = 64 * 1024
 
 
@@ -42,19 +46,23 @@ class Meta:
 def seal(key: bytes, meta: Meta, blob: bytes) -> bytes:
     """The stored form of `blob`."""
     header = json.dumps(asdict(meta), separators=(",", ":")).encode()
-    body = b"".join((MAGIC, _LENGTH.pack(len(header)), header, blob))
+    start = MAC_SIZE + len(MAGIC) + _SIZES.size
+    sizes = _SIZES.pack(start + len(header) + len(blob), len(header))
+    body = b"".join((MAGIC, sizes, header, blob))
     return hmac.digest(key, body, "sha256") + body
 
 
 def unseal(key: bytes, session_id: str, data: bytes, *, max_age_s: float) -> tuple[Meta, bytes]:
     """The header and the child's bytes of a stored snapshot of `session_id`, or Rejected."""
-    start = MAC_SIZE + len(MAGIC) + _LENGTH.size
+    start = MAC_SIZE + len(MAGIC) + _SIZES.size
     if len(data) < start or data[MAC_SIZE : MAC_SIZE + len(MAGIC)] != MAGIC:
         raise Rejected("it is truncated or not a snapshot")
+    total, size = _SIZES.unpack_from(data, MAC_SIZE + len(MAGIC))
+    if total != len(data):
+        raise Rejected(f"it is truncated ({len(data)} of {total} bytes)")
     body = memoryview(data)[MAC_SIZE:]
     if not hmac.compare_digest(data[:MAC_SIZE], hmac.digest(key, body, "sha256")):
         raise Rejected("it is damaged or was not written with this server's key")
-    (size,) = _LENGTH.unpack_from(data, MAC_SIZE + len(MAGIC))
     try:
         if size > _MAX_HEADER:
             raise ValueError("header too large")
