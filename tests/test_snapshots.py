@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-import signal
 import stat
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from replserver.routes import MANAGER
 from replserver.snapshots.envelope import Meta, seal, unseal
 
-from . import servers
+from . import redisserver, servers
 from .conftest import Client, MakeClient, execute, stream
 
 STATE = """\
@@ -309,33 +308,8 @@ async def test_a_restarted_server_finds_every_session(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    port = servers.free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *(binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"),
-        *("no", "--dir", str(tmp_path)),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        import redis.asyncio as redis
-
-        client = redis.Redis.from_url(url)
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    await client.ping()
-                    break
-                except (OSError, redis.ConnectionError):
-                    await asyncio.sleep(0.02)
-        await client.aclose()
+    async with redisserver.running(tmp_path) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
 
 
 async def test_redis_store_moves_a_session_to_another_replica_with_a_ttl(

@@ -72,8 +72,11 @@ class Snapshots:
     async def save(self, session: Session, cause: str) -> bool:
         """Save the session's namespace now (between its requests); False if nothing was."""
         started = time.monotonic()
-        # An idle save never waits: the session is in use again, and saves later.
-        async with session.between_requests(wait=cause != IDLE_CAUSE) as child:
+        # An idle save never waits: the session is in use again, and saves later. Nor does
+        # a shutdown's: code still running then is ended, and its session comes back as of
+        # its last save (or fresh).
+        wait = cause not in (IDLE_CAUSE, "shutdown")
+        async with session.between_requests(wait=wait) as child:
             if child is None:
                 return False
             activity = session.last_active
