@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from replserver.routes import MANAGER
+from replserver.snapshots import restore_notice
 from replserver.snapshots.envelope import Meta, seal, unseal
 
 from . import redisserver, servers
@@ -444,3 +445,31 @@ def test_envelope_binds_the_session_and_the_key() -> None:
     for sid, k in (("b", key), ("a", b"other" * 8)):
         with pytest.raises(Exception, match=r"another session|this server's key"):
             unseal(k, sid, sealed, max_age_s=60)
+
+
+def test_protocol_1_notice_names_what_was_not_restored() -> None:
+    assert restore_notice({"reason": "culled", "skipped": {}}) is None
+    notice = restore_notice({"reason": "moved", "skipped": {"fh": "x", "gen": "y"}})
+    assert notice == "[session restored (moved); not restored: fh, gen]\n"
+    many = {f"n{i}": "why" for i in range(8)}
+    notice = restore_notice({"reason": "culled", "skipped": many})
+    assert notice is not None and notice.endswith("n4 and 3 more]\n")
+
+
+def test_default_store_lives_under_the_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from replserver.settings import Settings
+    from replserver.snapshots import StoreError, open_store
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    opened = open_store(Settings.from_env({}))
+    assert opened is not None
+    assert opened[0].description == f"directory {tmp_path}/state/replserver/snapshots"
+    # Unusable: the default turns snapshots off (with a warning); a named path refuses.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker))
+    assert open_store(Settings.from_env({})) is None
+    with pytest.raises(StoreError, match="REPL_SNAPSHOT_STORE="):
+        open_store(Settings.from_env({"REPL_SNAPSHOT_STORE": str(blocker / "x")}))

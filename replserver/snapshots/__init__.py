@@ -8,11 +8,14 @@ child; envelope.py authenticates them. The child's side is replchild/snapshot.py
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Store(Protocol):
@@ -30,8 +33,8 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-class StoreError(Exception):
-    """The store could not be reached or written."""
+class StoreError(RuntimeError):
+    """The store could not be opened, reached or written (at start-up: the server exits)."""
 
 
 def default_directory() -> Path:
@@ -51,6 +54,30 @@ def open_store(settings: Settings) -> tuple[Store, bytes] | None:
         return RedisStore(where, ttl_s=settings.snapshot_ttl_s), settings.snapshot_key.encode()
     from .dir_store import DirStore
 
-    store = DirStore(Path(where) if where else default_directory(), settings.snapshot_ttl_s)
-    key = settings.snapshot_key.encode() or store.key()
+    try:
+        store = DirStore(Path(where) if where else default_directory(), settings.snapshot_ttl_s)
+        key = settings.snapshot_key.encode() or store.key()
+    except (OSError, StoreError) as exc:
+        if where:
+            raise StoreError(f"REPL_SNAPSHOT_STORE={where}: {exc}") from exc
+        # The default place is unusable (a read-only home in a container, say): serve
+        # without snapshots rather than not at all, and say so.
+        log.warning("snapshots are off: %s (set REPL_SNAPSHOT_STORE)", exc)
+        return None
     return store, key
+
+
+NOTICE_NAMES = 5  # names listed in a protocol-1 notice; the rest are counted
+
+
+def restore_notice(restored: dict[str, Any]) -> str | None:
+    """The one `error` line a protocol-1 stream gets after a restore: what was not
+    restored; None when everything was (a full restore is not news to such a client)."""
+    skipped = list(restored.get("skipped", {}))
+    if not skipped:
+        return None
+    listed = ", ".join(skipped[:NOTICE_NAMES])
+    more = len(skipped) - NOTICE_NAMES
+    if more > 0:
+        listed += f" and {more} more"
+    return f"[session restored ({restored.get('reason')}); not restored: {listed}]\n"

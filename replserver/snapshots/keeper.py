@@ -87,6 +87,7 @@ class Snapshots:
             except TransferError as exc:
                 log.warning("session %s: not saved (%s): %s", session.id, cause, exc)
                 self._count("save", cause, "failed")
+                self._saved_activity[session.id] = activity  # idle: not again until used
                 return False
         try:
             if summary["names"] == 0 and summary["files"] == 0 and not summary["skipped"]:
