@@ -473,3 +473,19 @@ def test_default_store_lives_under_the_state_directory(
     assert open_store(Settings.from_env({})) is None
     with pytest.raises(StoreError, match="REPL_SNAPSHOT_STORE="):
         open_store(Settings.from_env({"REPL_SNAPSHOT_STORE": str(blocker / "x")}))
+
+
+async def test_shutdown_relabels_an_idle_save_instead_of_pickling_again(
+    make_client: MakeClient, store: Path
+) -> None:
+    first = await make_client(snapshot_store=str(store), snapshot_idle_s=0.2)
+    await execute(first, "i", "kept = 'as of the idle save'")
+    await wait_until(lambda: snapshot_file(store, "i").exists())
+    await first.app[MANAGER].close_all()
+    text = await (await first.get("/metrics")).text()
+    relabelled = 'operation="save",outcome="relabelled",reason="shutdown"} 1.0'
+    assert relabelled in text
+    second = await make_client(snapshot_store=str(store))
+    body = await execute(second, "i", "print(kept)")
+    assert body["output"] == "as of the idle save\n"
+    assert body["restored"]["reason"] == "shutdown" and body["restarted"] is False
