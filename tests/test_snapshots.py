@@ -489,3 +489,35 @@ async def test_shutdown_relabels_an_idle_save_instead_of_pickling_again(
     body = await execute(second, "i", "print(kept)")
     assert body["output"] == "as of the idle save\n"
     assert body["restored"]["reason"] == "shutdown" and body["restarted"] is False
+
+
+SLOW_REDUCE = """\
+class Slow:
+    def __reduce__(self):
+        import time
+        time.sleep(3600)
+stuck = Slow()
+"""
+
+
+async def test_a_save_that_hangs_is_bounded_and_the_others_are_kept(
+    make_client: MakeClient, store: Path
+) -> None:
+    client = await make_client(snapshot_store=str(store), timeout_s=1.0)
+    await execute(client, "slow", SLOW_REDUCE)
+    await execute(client, "fine", "kept = 1")
+    async with asyncio.timeout(20):  # a hang guard: the bound is REPL_TIMEOUT_S per save
+        await client.app[MANAGER].close_all()
+    assert snapshot_file(store, "fine").exists()
+    assert not snapshot_file(store, "slow").exists()
+    text = await (await client.get("/metrics")).text()
+    assert 'operation="save",outcome="failed",reason="shutdown"} 1.0' in text
+
+
+async def test_an_unreachable_redis_costs_a_note_not_the_request(make_client: MakeClient) -> None:
+    url = f"redis://127.0.0.1:{servers.free_port()}/0"
+    client = await make_client(snapshot_store=url, snapshot_key="k" * 32)
+    events = await stream(client, "x", "print('ran')")
+    restart = [e for e in events if e["type"] == "restart"]
+    assert restart and "could not be read" in restart[0]["reason"], events
+    assert "".join(e["content"] for e in events if e["type"] == "output") == "ran\n"

@@ -140,18 +140,32 @@ class Snapshots:
     async def _save_then_close(self, session: Session, cause: str, reason: str) -> None:
         try:
             await self.save(session, cause)
+        except asyncio.CancelledError:
+            log.warning("session %s: not saved (%s): out of time", session.id, cause)
+            self._count("save", cause, "failed")
+            raise
         finally:
             session.close(reason)
 
     async def retire_all(self, sessions: list[Session], cause: str, reason: str) -> None:
-        """Save every session (as many at once as there are cores), then end each."""
+        """Save every session (as many at once as there are cores), then end each; saves
+        not done within REPL_TIMEOUT_S are given up (those sessions end unsaved), so that
+        a shutdown takes a bounded time."""
         limit = asyncio.Semaphore(max(2, os.cpu_count() or 1))
 
         async def one(session: Session) -> None:
             async with limit:
                 await self._save_then_close(session, cause, reason)
 
-        await asyncio.gather(*(self._chain(s.id, one(s)) for s in sessions))
+        tasks = [self._chain(s.id, one(s)) for s in sessions]
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self._settings.timeout_s)
+        for task in late:
+            task.cancel()  # _save_then_close still ends the session
+        if late:
+            log.warning("%d session(s) not saved within %g s", len(late), self._settings.timeout_s)
+            await asyncio.wait(late)
 
     async def _save_idle_forever(self, sessions: Callable[[], Iterable[Session]]) -> None:
         idle_s = self._settings.snapshot_idle_s

@@ -12,13 +12,19 @@ from redis.exceptions import RedisError
 from . import StoreError
 
 PREFIX = "replserver:snapshot:"
+CONNECT_TIMEOUT_S = 2.0
+IO_TIMEOUT_S = 10.0  # a 64 MiB value must have time to travel
 
 
 class RedisStore:
     """A key per session id, expiring after the snapshot lifetime."""
 
     def __init__(self, url: str, *, ttl_s: float) -> None:
-        self._client = redis.Redis.from_url(url)
+        # Bounded waits: an unreachable store costs a request at most a few seconds (its
+        # session starts fresh), never a hang.
+        self._client = redis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=IO_TIMEOUT_S
+        )
         self._ttl_ms = int(ttl_s * 1000)
         host = url.split("@")[-1]  # never log a password
         self.description = f"redis {host}"
