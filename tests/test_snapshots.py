@@ -521,3 +521,27 @@ async def test_an_unreachable_redis_costs_a_note_not_the_request(make_client: Ma
     restart = [e for e in events if e["type"] == "restart"]
     assert restart and "could not be read" in restart[0]["reason"], events
     assert "".join(e["content"] for e in events if e["type"] == "output") == "ran\n"
+
+
+FORGE = """\
+import gc, os, struct
+runner = next(o for o in gc.get_objects() if type(o).__name__ == 'Runner')
+frame = struct.pack('>BI', {kind}, len({payload!r})) + {payload!r}
+os.write(runner.proto_out, frame)
+import time
+time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [(0x50, b"planted piece"), (0x73, b'{"names": 1}'), (0x6C, b'{"names": 99}')],
+)
+async def test_snapshot_frames_nobody_asked_for_end_the_process(
+    make_client: MakeClient, store: Path, kind: int, payload: bytes
+) -> None:
+    client = await make_client(snapshot_store=str(store))
+    body = await execute(client, "h", FORGE.format(kind=kind, payload=payload))
+    assert body["reason"] == "crashed" and "unknown frame type" in body["error"], body
+    body = await execute(client, "h", "print('fresh')")
+    assert body["output"] == "fresh\n" and body["restarted"] is True

@@ -146,11 +146,13 @@ class Snapshots:
             raise
         finally:
             session.close(reason)
+            self._saved_activity.pop(session.id, None)
 
     async def retire_all(self, sessions: list[Session], cause: str, reason: str) -> None:
         """Save every session (as many at once as there are cores), then end each; saves
         not done within REPL_TIMEOUT_S are given up (those sessions end unsaved), so that
         a shutdown takes a bounded time."""
+        self._stop_idle_saves()
         limit = asyncio.Semaphore(max(2, os.cpu_count() or 1))
 
         async def one(session: Session) -> None:
@@ -276,11 +278,14 @@ class Snapshots:
         if self._metrics is not None:
             self._metrics.record(op, reason, outcome, size, seconds)
 
-    async def close(self) -> None:
-        """Wait for the saves and deletes in flight; close the store."""
+    def _stop_idle_saves(self) -> None:
         if self._idle_saver is not None:
             self._idle_saver.cancel()
             self._idle_saver = None
+
+    async def close(self) -> None:
+        """Wait for the saves and deletes in flight; close the store."""
+        self._stop_idle_saves()
         while self._pending:
             await asyncio.wait(list(self._pending.values()))
         if not self._closed:
