@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import stat
 import sys
@@ -545,3 +546,18 @@ async def test_snapshot_frames_nobody_asked_for_end_the_process(
     assert body["reason"] == "crashed" and "unknown frame type" in body["error"], body
     body = await execute(client, "h", "print('fresh')")
     assert body["output"] == "fresh\n" and body["restarted"] is True
+
+
+async def test_the_directory_store_sweeps_what_expired(tmp_path: Path) -> None:
+    from replserver.snapshots.dir_store import DirStore
+
+    store = DirStore(tmp_path / "s", ttl_s=3600)
+    await store.put("old", b"x")
+    await store.put("new", b"y")
+    (tmp_path / "s" / ".tmp-crashed").write_bytes(b"half")
+    past = time.time() - 7200
+    for name in ("old.snapshot", ".tmp-crashed"):
+        os.utime(tmp_path / "s" / name, (past, past))
+    assert await store.sweep() == 2
+    assert await store.get("old") is None and await store.get("new") == b"y"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["new.snapshot"]

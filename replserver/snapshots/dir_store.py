@@ -14,6 +14,7 @@ from . import StoreError
 
 KEY_FILE = "key"
 SUFFIX = ".snapshot"
+TEMP_MAX_AGE_S = 3600.0  # a temporary file this old was left by a crash mid-write
 
 
 class DirStore:
@@ -85,13 +86,21 @@ class DirStore:
         return await asyncio.to_thread(self._sweep)
 
     def _sweep(self) -> int:
-        deadline = time.time() - self.ttl_s
+        now = time.time()
         removed = 0
         for entry in os.scandir(self.directory):
-            stale = entry.name.startswith(".tmp-") and entry.stat().st_mtime < time.time() - 3600
-            if stale or (entry.name.endswith(SUFFIX) and entry.stat().st_mtime < deadline):
-                os.unlink(entry.path)
-                removed += 1
+            if entry.name.endswith(SUFFIX):
+                deadline = now - self.ttl_s
+            elif entry.name.startswith(".tmp-"):
+                deadline = now - TEMP_MAX_AGE_S
+            else:
+                continue
+            try:
+                if entry.stat().st_mtime < deadline:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # replaced or deleted meanwhile
         return removed
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SIZE_BUCKETS = tuple(2.0**n for n in range(10, 28, 2))  # 1 KiB .. 64 MiB
 TIME_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SWEEP_PERIOD_S = 3600.0
 IDLE_CAUSE = "idle"  # a save after a quiet spell: restored only when the process died
 
 
@@ -46,6 +47,7 @@ class Snapshots:
         self._pending: dict[str, asyncio.Task[Any]] = {}
         self._saved_activity: dict[str, float] = {}  # id -> last_active when last saved
         self._idle_saver: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self.saved = self.restored = self.failed = 0
         self._metrics = _SnapshotMetrics(metrics) if metrics is not None else None
@@ -64,7 +66,7 @@ class Snapshots:
     def start(self, sessions: Callable[[], Iterable[Session]]) -> None:
         """Background work: expired snapshots swept, idle sessions saved against crashes."""
         if isinstance(self.store, DirStore):
-            self._chain("", self.store.sweep())
+            self._sweeper = asyncio.create_task(self._sweep_forever(self.store))
         if self._settings.snapshot_idle_s > 0:
             self._idle_saver = asyncio.create_task(self._save_idle_forever(sessions))
 
@@ -279,9 +281,23 @@ class Snapshots:
             self._metrics.record(op, reason, outcome, size, seconds)
 
     def _stop_idle_saves(self) -> None:
-        if self._idle_saver is not None:
-            self._idle_saver.cancel()
-            self._idle_saver = None
+        for task in (self._idle_saver, self._sweeper):
+            if task is not None:
+                task.cancel()
+        self._idle_saver = self._sweeper = None
+
+    @staticmethod
+    async def _sweep_forever(store: DirStore) -> None:
+        """Expired snapshots of sessions nobody came back for go (Redis expires its own)."""
+        while True:
+            try:
+                removed = await store.sweep()
+            except OSError as exc:
+                log.warning("snapshot sweep of %s: %s", store.directory, exc)
+            else:
+                if removed:
+                    log.info("removed %d expired snapshot(s)", removed)
+            await asyncio.sleep(SWEEP_PERIOD_S)
 
     async def close(self) -> None:
         """Wait for the saves and deletes in flight; close the store."""
