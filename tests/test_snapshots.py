@@ -76,9 +76,8 @@ async def cull(client: Client, store: Path, sid: str) -> None:
     """Wait for the idle culler to end `sid` and its snapshot to be written."""
     manager = client.app[MANAGER]
     await wait_until(lambda: manager.find(sid) is None)
-    snapshots = manager.snapshots
-    assert snapshots is not None
-    await wait_until(lambda: not snapshots._pending)
+    assert manager.snapshots is not None
+    await manager.snapshots.settled()
     assert snapshot_file(store, sid).exists()
 
 
@@ -117,7 +116,9 @@ async def test_evicted_session_is_restored_and_says_so_in_the_stream(
     await execute(client, "b", "other = 1")  # the cap evicts a
     snapshots = client.app[MANAGER].snapshots
     assert snapshots is not None
-    await wait_until(lambda: snapshot_file(store, "a").exists() and not snapshots._pending)
+    await wait_until(lambda: client.app[MANAGER].find("a") is None)
+    await snapshots.settled()
+    assert snapshot_file(store, "a").exists()
     events = await stream(client, "a", "print(secret)")
     kinds = [e["type"] for e in events]
     assert kinds[0] == "restore", events
@@ -137,7 +138,7 @@ async def test_reset_and_delete_remove_the_snapshot(make_client: MakeClient, sto
     assert resp.status == 404  # not live here; its snapshot goes all the same
     snapshots = client.app[MANAGER].snapshots
     assert snapshots is not None
-    await wait_until(lambda: not snapshots._pending)
+    await snapshots.settled()
     for sid in ("r", "d"):
         assert not snapshot_file(store, sid).exists()
         body = await execute(client, sid, "kept")

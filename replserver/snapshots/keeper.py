@@ -299,11 +299,15 @@ class Snapshots:
                     log.info("removed %d expired snapshot(s)", removed)
             await asyncio.sleep(SWEEP_PERIOD_S)
 
+    async def settled(self) -> None:
+        """Return once no save, relabel or delete is in flight."""
+        while self._pending:
+            await asyncio.wait(list(self._pending.values()))
+
     async def close(self) -> None:
         """Wait for the saves and deletes in flight; close the store."""
         self._stop_idle_saves()
-        while self._pending:
-            await asyncio.wait(list(self._pending.values()))
+        await self.settled()
         if not self._closed:
             self._closed = True
             await self.store.close()
