@@ -544,7 +544,7 @@ async def test_snapshot_frames_nobody_asked_for_end_the_process(
 ) -> None:
     client = await make_client(snapshot_store=str(store))
     body = await execute(client, "h", FORGE.format(kind=kind, payload=payload))
-    assert body["reason"] == "crashed" and "unknown frame type" in body["error"], body
+    assert body["reason"] == "crashed" and "a frame of unknown type" in body["error"], body
     body = await execute(client, "h", "print('fresh')")
     assert body["output"] == "fresh\n" and body["restarted"] is True
 
@@ -562,3 +562,24 @@ async def test_the_directory_store_sweeps_what_expired(tmp_path: Path) -> None:
     assert await store.sweep() == 2
     assert await store.get("old") is None and await store.get("new") == b"y"
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["new.snapshot"]
+
+
+async def test_the_default_stream_gets_one_error_line_for_what_was_not_restored(
+    make_client: MakeClient, store: Path
+) -> None:
+    """Protocol 1 (the old backend's stream) has no `restore` event: one short `error`
+    line names what was not restored, and nothing is said when everything was."""
+    client = await make_client(snapshot_store=str(store), session_idle_s=0.5)
+    await execute(client, "p1", "kept = 1\nfh = open('/etc/hostname')")
+    await execute(client, "p2", "kept = 2")
+    for sid in ("p1", "p2"):
+        await cull(client, store, sid)
+    events = await stream(client, "p1", "print(kept)", protocol=None)
+    assert events[:-1] == [
+        {"type": "error", "content": "[session restored (culled); not restored: fh]\n"},
+        {"type": "output", "content": "1\n"},
+    ]
+    assert events[-1]["type"] == "complete" and events[-1]["restarted"] is False
+    events = await stream(client, "p2", "print(kept)", protocol=None)
+    assert events[:-1] == [{"type": "output", "content": "2\n"}]
+    assert events[-1]["type"] == "complete" and "restored" not in events[-1]
