@@ -119,6 +119,7 @@ class Settings:
         return {name: value for name, value in limits.items() if value > 0}
 
     def __post_init__(self) -> None:
+        self._check_snapshots()
         if self.timeout_s <= 0 or self.max_timeout_s < self.timeout_s:
             raise ValueError("need 0 < REPL_TIMEOUT_S <= REPL_MAX_TIMEOUT_S")
         if self.network not in ("none", "host"):
@@ -143,6 +144,10 @@ class Settings:
             from .startup import read_startup  # here, not above: startup.py imports us
 
             read_startup(self.startup)  # refuse to start with a file that cannot be used
+        if not (self.replica_id.isascii() and self.replica_id.isprintable()):
+            raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
+
+    def _check_snapshots(self) -> None:
         if self.snapshot_max_bytes < 1024 or self.snapshot_ttl_s <= 0:
             raise ValueError("need REPL_SNAPSHOT_MAX_BYTES >= 1024 and REPL_SNAPSHOT_TTL_S > 0")
         if self.snapshot_store.startswith("redis") and not self.snapshot_key:
@@ -150,8 +155,6 @@ class Settings:
                 "REPL_SNAPSHOT_KEY is required with a shared snapshot store: whoever can"
                 " write to the store must not be able to plant code in a session"
             )
-        if not (self.replica_id.isascii() and self.replica_id.isprintable()):
-            raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
