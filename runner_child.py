@@ -38,17 +38,24 @@ from replchild.wire import (
     HEADER_SIZE,
     INPUT,
     INPUT_VALUE,
+    PIECE_BYTES,
     REASON_EXCEPTION,
     REASON_EXIT,
     REASON_INTERRUPTED,
     REASON_MEMORY,
     REASON_OK,
+    SAVE,
     T_ANSWER,
     T_EXEC,
     T_FATAL,
     T_INPUT_REPLY,
+    T_LOAD,
+    T_LOADED,
+    T_PIECE,
     T_QUERY,
     T_READY,
+    T_SAVE,
+    T_SAVED,
     T_STARTUP,
     T_STDERR,
     T_STDOUT,
@@ -115,6 +122,8 @@ class Runner:
         self.sources: dict[str, str] = {}
         self.answer: Answer | None = None  # replchild.complete.answer, loaded by the first query
         self.startup_error = ""  # the startup code's traceback, for the first execution
+        self.workdir = os.getcwd()  # whose files a snapshot carries
+        self.pieces: list[bytes] = []  # of a snapshot to restore, as the server sends them
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
@@ -369,6 +378,12 @@ class Runner:
             if kind == T_QUERY:
                 self.answer_query(payload)
                 continue
+            if kind == T_PIECE:
+                self.pieces.append(payload)
+                continue
+            if kind in (T_SAVE, T_LOAD):
+                self.save(payload) if kind == T_SAVE else self.load()
+                continue
             if kind != T_EXEC or not payload:
                 self.fatal(f"unexpected frame type {kind:#x}")
             if payload[0] & FLAG_REAP:
@@ -407,6 +422,36 @@ class Runner:
         with self.lock:
             self._forward_available()  # output the query caused goes first (and is dropped)
             self._write(encode(T_ANSWER, reply))
+
+    # --- snapshots (replchild/snapshot.py) --------------------------------------------------
+    def save(self, payload: bytes) -> None:
+        """Send a snapshot of the namespace and the working directory, then its summary.
+        Pickling can run the session's code (__reduce__): its output is dropped, and it
+        cannot ask for input."""
+        self.input_allowed = False
+        try:
+            (limit,) = SAVE.unpack(payload)
+            snapshot = import_later("snapshot")  # its cost only for sessions that are saved
+            blob, summary = snapshot.save(self.module.__dict__, self.workdir, limit)
+        except BaseException as exc:  # noqa: BLE001 - reported to the server, never fatal
+            blob, summary = b"", {"error": f"{type(exc).__name__}: {exc}"}
+        with self.lock:
+            for start in range(0, len(blob), PIECE_BYTES):
+                self._write(encode(T_PIECE, blob[start : start + PIECE_BYTES]))
+            self._write(encode(T_SAVED, json_bytes(summary)))
+
+    def load(self) -> None:
+        """Restore the snapshot sent in pieces; report what came back and what did not."""
+        self.input_allowed = False
+        blob, self.pieces = b"".join(self.pieces), []
+        snapshot = import_later("snapshot")
+        try:
+            report = snapshot.restore(blob, self.module.__dict__, self.workdir)
+        except snapshot.Unusable as exc:
+            report = {"error": f"the snapshot cannot be used: {exc}"}
+        except BaseException as exc:  # noqa: BLE001 - reported to the server, never fatal
+            report = {"error": f"{type(exc).__name__}: {exc}"}
+        self.send(T_LOADED, json_bytes(report))
 
     @staticmethod
     def reap_zombies() -> None:
@@ -693,6 +738,13 @@ def make_undumpable() -> None:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+
+
+def json_bytes(value: object) -> bytes:
+    """Compact JSON as UTF-8 (a frame's payload)."""
+    import json
+
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def import_later(name: str) -> ModuleType:

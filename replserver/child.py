@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from . import protocol
@@ -100,6 +101,8 @@ class ChildProcess:
         self._ending = False  # end() has begun: it closes the request pipe itself
         self._queries: deque[asyncio.Future[bytes]] = deque()  # awaiting answers, oldest first
         self.startup: StartupReport | None = None  # what its preloads and startup code did
+        # Takes the frames of a snapshot being saved or restored (replserver/snapshots).
+        self.snapshot_sink: Callable[[int, bytes], None] | None = None
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
@@ -232,6 +235,17 @@ class ChildProcess:
         self._stdin.write(frame)
         return answer
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Write request frames other than an execution's (a snapshot's, say)."""
+        if not self.alive or self._stdin is None or self._stdin.is_closing():
+            raise ProtocolError("the session's Python process is not running")
+        self._stdin.writelines(frames)
+
+    @property
+    def ended(self) -> asyncio.Future[int | None]:
+        """Done when the process has exited (its return code)."""
+        return self._gone
+
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
             self._stdout.pause_reading()
@@ -285,6 +299,8 @@ class ChildProcess:
             self._on_answer(payload)
         elif kind == protocol.T_STARTUP:
             self._on_startup(payload)
+        elif kind in protocol.SNAPSHOT_FRAMES and self.snapshot_sink is not None:
+            self.snapshot_sink(kind, payload)  # a snapshot's, to the transfer that asked
         else:
             raise ProtocolError(f"a frame of unknown type {kind:#x}")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +42,13 @@ class Run:
     execution: Execution
     execution_count: int
     restart_reason: str | None
+    # Set on the first run after the namespace was restored from a snapshot: what came back.
+    restored: dict[str, Any] | None = None
+
+
+# Brings a saved namespace into a session's new child (replserver/snapshots); the bool is
+# True when the session's earlier child died.
+Restorer = Callable[["Session", ChildProcess, bool], Awaitable[None]]
 
 
 class Session:
@@ -67,6 +76,8 @@ class Session:
         self.runs: OrderedDict[str, Run] = OrderedDict()
         self._timers: list[asyncio.TimerHandle] = []
         self._lost_state: str | None = None  # why the next run starts on a fresh child
+        self.restorer: Restorer | None = None
+        self._restored: dict[str, Any] | None = None  # for the next run to report
         self.created = time.time()
         self.last_active = self.created
         self.execution_count = 0  # executions sent to the current child
@@ -145,6 +156,24 @@ class Session:
         """The next reply says earlier state is gone, and why (eviction, idle culling)."""
         self._lost_state = reason
 
+    def restored_from(self, details: dict[str, Any], *, state_lost: bool) -> None:
+        """The next reply says the namespace came back from a snapshot; unless `state_lost`
+        (an older snapshot, after a crash), it is not a restart."""
+        self._restored = details
+        if not state_lost:
+            self._lost_state = None
+
+    @contextlib.asynccontextmanager
+    async def between_requests(self, *, wait: bool = True) -> AsyncIterator[ChildProcess | None]:
+        """Hold the session between two requests: its live child, or None if it has none
+        (or, with `wait` False, if a request holds it now)."""
+        if not wait and self._lock.locked():
+            yield None
+            return
+        async with self._lock:
+            child = self._child
+            yield child if child is not None and child.alive and not self.closed else None
+
     async def start(
         self, code: str, *, timeout_s: float | None = None, interactive: bool = False
     ) -> Run:
@@ -182,7 +211,8 @@ class Session:
         self._timers.append(loop.call_later(bound, self._watchdog, execution, child, bound))
         self.last_active = time.time()
         restart, self._lost_state = self._lost_state, None
-        run = Run(self.id, execution, self.execution_count, restart)
+        restored, self._restored = self._restored, None
+        run = Run(self.id, execution, self.execution_count, restart, restored)
         self.runs[execution.id] = run
         while len(self.runs) > RUNS_KEPT:
             self.runs.popitem(last=False)
@@ -288,6 +318,7 @@ class Session:
         child = self._child
         if child is not None and child.alive:
             return child
+        crashed = child is not None
         if child is not None:
             # The child died since we last used it: the next reply says state was lost.
             self._lost_state = child.error or "the session's Python process ended"
@@ -314,6 +345,11 @@ class Session:
             raise ShuttingDown("the session was closed while starting")
         self._child = child
         self.execution_count = 0
+        if self.restorer is not None:
+            await self.restorer(self, child, crashed)
+            if not child.alive:  # the restore went wrong and ended it: start afresh
+                self._pool.discard(child, 0)
+                child = self._child = await self._pool.acquire()
         return child
 
     async def reset(self) -> None:

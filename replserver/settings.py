@@ -88,6 +88,14 @@ class Settings:
     # Python file run in every new namespace (replserver/startup.py).
     preload: tuple[str, ...] = ()
     startup: str = ""
+    # Snapshots (replserver/snapshots): where ("" = a directory under the state directory,
+    # a path, redis://..., or "off"), their size cap, their lifetime, how long a session is
+    # idle before it is saved against a crash (0 = never), and the HMAC key.
+    snapshot_store: str = ""
+    snapshot_max_bytes: int = 64 * MiB
+    snapshot_ttl_s: float = 7 * 24 * 3600.0
+    snapshot_idle_s: float = 120.0
+    snapshot_key: str = field(default="", repr=False)
     # Names this server in the X-Replica header and /health, so that a client or test
     # behind a load balancer sees which replica answered (the pod name on Kubernetes).
     replica_id: str = field(default_factory=socket.gethostname)
@@ -117,6 +125,7 @@ class Settings:
         return {name: value for name, value in limits.items() if value > 0}
 
     def __post_init__(self) -> None:
+        self._check_snapshots()
         if self.timeout_s <= 0 or self.max_timeout_s < self.timeout_s:
             raise ValueError("need 0 < REPL_TIMEOUT_S <= REPL_MAX_TIMEOUT_S")
         if self.network not in ("none", "host"):
@@ -143,6 +152,15 @@ class Settings:
             read_startup(self.startup)  # refuse to start with a file that cannot be used
         if not (self.replica_id.isascii() and self.replica_id.isprintable()):
             raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
+
+    def _check_snapshots(self) -> None:
+        if self.snapshot_max_bytes < 1024 or self.snapshot_ttl_s <= 0:
+            raise ValueError("need REPL_SNAPSHOT_MAX_BYTES >= 1024 and REPL_SNAPSHOT_TTL_S > 0")
+        if self.snapshot_store.startswith("redis") and not self.snapshot_key:
+            raise ValueError(
+                "REPL_SNAPSHOT_KEY is required with a shared snapshot store: whoever can"
+                " write to the store must not be able to plant code in a session"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -237,4 +255,9 @@ ENV_VARS: dict[str, str] = {
     "replica_id": "REPL_REPLICA_ID",
     "preload": "REPL_PRELOAD",
     "startup": "REPL_STARTUP",
+    "snapshot_store": "REPL_SNAPSHOT_STORE",
+    "snapshot_max_bytes": "REPL_SNAPSHOT_MAX_BYTES",
+    "snapshot_ttl_s": "REPL_SNAPSHOT_TTL_S",
+    "snapshot_idle_s": "REPL_SNAPSHOT_IDLE_S",
+    "snapshot_key": "REPL_SNAPSHOT_KEY",
 }
