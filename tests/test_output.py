@@ -318,3 +318,17 @@ async def test_a_stream_replaced_by_user_code_is_flushed_before_completion(
     code = "import sys\nsys.stdout = open(1, 'w', closefd=False)\nprint('through a file')"
     out, _ = await run(client, "/execute-stream", "replaced", code)
     assert out == "through a file\n"
+
+
+async def test_sys_dunder_stdout_restores_a_redirect(client: Client) -> None:
+    code = (
+        "import contextlib, io, sys\n"
+        "sys.stdout = io.StringIO()\n"
+        "print('hidden')\n"
+        "sys.stdout = sys.__stdout__\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    print('hidden too')\n"
+        "print('shown')"
+    )
+    out, err = await run(client, "/execute-stream", "dunder", code)
+    assert (out, err) == ("shown\n", None)
