@@ -1,12 +1,13 @@
 // The built-in web REPL page: runs code through /execute-stream and renders its events as
-// they arrive (fetch + ReadableStream; EventSource cannot POST). No dependencies.
+// they arrive (fetch + ReadableStream; EventSource cannot POST), completes and inspects
+// through /complete and /inspect. The editor is CodeMirror 6, bundled in editor.js
+// (window.ReplEditor; built from page/ by `make page`).
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const transcript = $("transcript");
-  const editor = $("editor");
-  const code = $("code");
+  const editorForm = $("editor");
   const runButton = $("run");
   const stopButton = $("stop");
   const resetButton = $("reset");
@@ -34,11 +35,14 @@
   }
 
   // --- talking to the server -------------------------------------------------------------
-  function post(route, body) {
-    const headers = {};
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+  function authorization() {
     const token = tokenField.value.trim();
-    if (token) headers["Authorization"] = `Bearer ${token}`;
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  function post(route, body) {
+    const headers = authorization();
+    if (body !== undefined) headers["Content-Type"] = "application/json";
     return fetch(`${route}/${encodeURIComponent(sessionId)}`, {
       method: "POST",
       headers,
@@ -54,6 +58,13 @@
       // not JSON: keep the status text
     }
     return `${response.status} ${detail}`;
+  }
+
+  async function ask(route, code, cursor) {
+    // /complete and /inspect: their JSON, or an Error with the server's detail.
+    const response = await post(route, { code, cursor });
+    if (!response.ok) throw new Error(await failure(response));
+    return response.json();
   }
 
   async function readEvents(response, onEvent) {
@@ -92,7 +103,9 @@
   function newCell(source) {
     const cell = element("section", "cell");
     const outputs = element("div", "outputs");
-    cell.append(element("pre", "source", source), outputs);
+    const code = element("pre", "source");
+    window.ReplEditor.highlight(source, code);
+    cell.append(code, outputs);
     transcript.append(cell);
     scrollDown();
     return cell;
@@ -216,11 +229,11 @@
   }
 
   async function run() {
-    const source = code.value;
+    const source = editor.getCode();
     if (running || !source.trim()) return;
     if (history[history.length - 1] !== source) history.push(source);
     historyIndex = history.length;
-    code.value = "";
+    editor.setCode("");
     const cell = newCell(source);
     const outputs = cell.querySelector(".outputs");
     setRunning(true);
@@ -237,7 +250,7 @@
     } finally {
       for (const form of outputs.querySelectorAll(".input-request")) form.remove();
       setRunning(false);
-      code.focus();
+      editor.focus();
     }
   }
 
@@ -252,7 +265,7 @@
     }
   }
 
-  editor.addEventListener("submit", (event) => {
+  editorForm.addEventListener("submit", (event) => {
     event.preventDefault();
     run();
   });
@@ -264,24 +277,24 @@
     }),
   );
 
-  code.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-      event.preventDefault();
-      run();
-    } else if (event.key === "Tab" && !event.shiftKey && !event.ctrlKey && !event.metaKey) {
-      event.preventDefault();
-      code.setRangeText("    ", code.selectionStart, code.selectionEnd, "end");
-    } else if (event.key === "ArrowUp" || event.key === "ArrowDown") {
-      // History when the caret is on the first (up) or last (down) line.
-      const before = code.value.slice(0, code.selectionStart);
-      const after = code.value.slice(code.selectionEnd);
-      const up = event.key === "ArrowUp";
-      if (up ? before.includes("\n") : after.includes("\n")) return;
-      const next = historyIndex + (up ? -1 : 1);
-      if (next < 0 || next > history.length) return;
-      event.preventDefault();
-      historyIndex = next;
-      code.value = history[next] ?? "";
-    }
+  // --- the editor ------------------------------------------------------------------------
+  function historyEntry(step) {
+    const next = historyIndex + step;
+    if (next < 0 || next > history.length) return null;
+    historyIndex = next;
+    return history[next] ?? "";
+  }
+
+  const editor = window.ReplEditor.create({
+    parent: $("code"),
+    placeholder: "print('hello')",
+    onRun: run,
+    onHistory: historyEntry,
+    complete: (code, cursor) => ask("complete", code, cursor),
+    inspect: (code, cursor) => ask("inspect", code, cursor),
   });
+  editor.focus();
+  if (/Mac|iPhone|iPad/u.test(navigator.platform)) {
+    for (const key of document.querySelectorAll("#keys .mod")) key.textContent = "⌘";
+  }
 })();
