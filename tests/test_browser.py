@@ -367,7 +367,22 @@ async def test_tab_completes_from_the_session(page: Page, errors: list[str]) -> 
     await page.press(EDITOR, "Tab")
     assert await editor_text(page) == "    x = 1"
     assert len(asked) == before
-    assert errors == []
+
+    # While code runs the session answers 409 at once; the page shows its detail.
+    cell = await run(page, "while True:\n    pass")
+    await expect(page.locator("#stop")).to_be_enabled()
+    await set_code(page, "zebra_q")
+    async with page.expect_response(re.compile(r"/complete/")) as refused:
+        await page.press(EDITOR, "Tab")
+    detail = (await (await refused.value).json())["detail"]
+    assert (await refused.value).status == 409
+    failed = page.locator(".cm-tooltip.cm-inspection.failed")
+    await expect(failed).to_have_text(f"409 {detail}")
+    await page.click("#stop")
+    assert "interrupted" in await finished(page, cell)
+    assert errors == [
+        "Failed to load resource: the server responded with a status of 409 (Conflict)"
+    ]
 
 
 async def test_shift_tab_inspects_the_name_at_the_cursor(page: Page, errors: list[str]) -> None:

@@ -70,6 +70,7 @@ const inspectionField = StateField.define({
 function inspectionTooltip(pos, text, kind) {
   return {
     pos,
+    kind,
     above: true,
     create() {
       const dom = document.createElement("div");
@@ -107,6 +108,19 @@ export function create(options) {
     view.dispatch({ effects: showInspection.of(inspectionTooltip(pos, text, kind)) });
   }
 
+  // A session's first completion loads jedi (a second or two): say so while it is slow.
+  function slowNotice(asked, text) {
+    const timer = setTimeout(() => {
+      if (unchanged(asked)) tell(asked.head, text, "waiting");
+    }, 300);
+    return () => {
+      clearTimeout(timer);
+      if (view.state.field(inspectionField)?.kind === "waiting") {
+        view.dispatch({ effects: showInspection.of(null) });
+      }
+    };
+  }
+
   function resultOf(asked, reply) {
     const from = utf16Offset(asked.code, reply.cursorStart);
     const to = utf16Offset(asked.code, reply.cursorEnd);
@@ -126,13 +140,16 @@ export function create(options) {
 
   async function completeAtCursor() {
     const asked = request();
+    const done = slowNotice(asked, "Completing…");
     let found;
     try {
       found = resultOf(asked, await options.complete(asked.code, asked.cursor));
     } catch (error) {
+      done();
       if (unchanged(asked)) tell(asked.head, error.message, "failed");
       return;
     }
+    done();
     if (!unchanged(asked)) return; // typed on meanwhile: the answer is for other code
     const { from, to, matches } = found;
     if (matches.length === 0) {
@@ -187,13 +204,16 @@ export function create(options) {
 
   function onShiftTab(view) {
     const asked = request();
+    const done = slowNotice(asked, "Inspecting…");
     options.inspect(asked.code, asked.cursor).then(
       (reply) => {
+        done();
         if (!unchanged(asked)) return;
         const text = reply.found ? reply.data["text/plain"] : "Nothing known about this name.";
         tell(asked.head, text || "No documentation.", reply.found ? "found" : "empty");
       },
       (error) => {
+        done();
         if (unchanged(asked)) tell(asked.head, error.message, "failed");
       },
     );
