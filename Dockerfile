@@ -17,7 +17,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 # Only what the package needs to install: pyproject.toml, README.md (the long description),
 # the server package, the child's script and package; `pip install .` brings the runtime
-# dependencies only (aiohttp, aiohttp-sse, aiohttp-cors), not the dev tools. The tests run
+# dependencies only (aiohttp, aiohttp-sse, aiohttp-cors, prometheus-client, cloudpickle,
+# redis), not the dev tools. The tests run
 # the same command.
 COPY pyproject.toml README.md runner_child.py ./
 COPY replserver ./replserver
@@ -38,10 +39,13 @@ RUN pip install . && python -m compileall -q /usr/local/lib/python3.11/site-pack
 # --cap-add SETGID --cap-add SETUID --security-opt no-new-privileges` (deploy/k8s does).
 WORKDIR /srv
 EXPOSE 8000
-# SIGTERM: the server stops accepting connections, ends every session's process group
-# (all at once: stdin closed, SIGTERM, SIGKILL, within REPL_SHUTDOWN_GRACE_S), lets the
-# open requests finish, and exits 0: at most 2 x REPL_SHUTDOWN_GRACE_S + 1 s (5 s by
-# default), inside Docker's 10 s stop timeout and deploy/k8s's 30 s grace period.
+# SIGTERM: the server stops accepting connections, saves every idle session where a
+# snapshot store is configured (REPL_SNAPSHOT_STORE: a mounted directory, or Redis for
+# many replicas; at most REPL_TIMEOUT_S), ends every session's process group (all at once:
+# stdin closed, SIGTERM, SIGKILL, within REPL_SHUTDOWN_GRACE_S), lets the open requests
+# finish, and exits 0: at most 2 x REPL_SHUTDOWN_GRACE_S + 1 s (5 s by default) without
+# snapshots, inside Docker's 10 s stop timeout; with them, give `docker stop -t` or the
+# grace period (deploy/k8s: 60 s) the save time as well.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os,sys,urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('REPL_PORT', '8000'), timeout=2).status != 200)"]

@@ -24,12 +24,12 @@ from __future__ import annotations
 # 1.3 MB of memory in every session for nothing this file needs.
 import _signal
 import _thread
-import io
 import os
 import sys
 
 import replchild as _PACKAGE
-from replchild import repl, wire
+from replchild import output, repl, wire
+from replchild.output import Output, TextWriter, install_flush_points
 from replchild.repl import Repl
 from replchild.wire import (
     FLAG_INPUT,
@@ -38,17 +38,24 @@ from replchild.wire import (
     HEADER_SIZE,
     INPUT,
     INPUT_VALUE,
+    PIECE_BYTES,
     REASON_EXCEPTION,
     REASON_EXIT,
     REASON_INTERRUPTED,
     REASON_MEMORY,
     REASON_OK,
+    SAVE,
     T_ANSWER,
     T_EXEC,
     T_FATAL,
     T_INPUT_REPLY,
+    T_LOAD,
+    T_LOADED,
+    T_PIECE,
     T_QUERY,
     T_READY,
+    T_SAVE,
+    T_SAVED,
     T_STARTUP,
     T_STDERR,
     T_STDOUT,
@@ -71,6 +78,10 @@ DEFAULT_MAX_RESULT = 100_000
 READ_CHUNK = 256 * 1024
 BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
+# After the first print() into an empty buffer, the forwarder delivers what has gathered this
+# much later: a loop of print() then sleep() still streams within milliseconds, and a tight
+# print() loop sends at most ~1,000 frames a second (64 KiB ones, mostly: FLUSH_SIZE).
+FLUSH_DELAY_S = 0.001
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
 
@@ -80,7 +91,9 @@ NO_INPUT_MESSAGE = (
 )
 
 # Frames of these files are left out of the tracebacks user code sees.
-RUNNER_FILES = frozenset((__file__, repl.__file__, wire.__file__))
+RUNNER_FILES = frozenset((__file__, output.__file__, repl.__file__, wire.__file__))
+
+_write_fd = os.write  # the real one: install_flush_points wraps os.write for user code
 
 
 class Runner:
@@ -110,11 +123,15 @@ class Runner:
         self.inbuf = bytearray()  # request bytes read but not yet consumed
         self.input_allowed = False  # FLAG_INPUT of the execution in progress
         self.input_number = 0
+        self.executing = False  # from an execution's start to its completion frame
         os.register_at_fork(after_in_child=self._after_fork)
         self.sources: dict[str, str] = {}
         self.answer: Answer | None = None  # replchild.complete.answer, loaded by the first query
         self.startup_error = ""  # the startup code's traceback, for the first execution
+        self.workdir = os.getcwd()  # whose files a snapshot carries
+        self.pieces: list[bytes] = []  # of a snapshot to restore, as the server sends them
         self.lock = _thread.allocate_lock()  # one writer of frames at a time, and drain order
+        self.lock_owner = 0  # thread holding self.lock, so that a write made meanwhile waits
         self.module = type(sys)("__main__")
         self.module.__dict__["__builtins__"] = __builtins__
         sys.modules["__main__"] = self.module
@@ -130,6 +147,18 @@ class Runner:
         else:
             self.out_r, self.out_w = self._tune(*os.pipe())
             self.err_r, self.err_w = self._tune(*os.pipe())
+        import select
+
+        # What fds 1 and 2 hold is delivered before buffered print() output: one poll says
+        # whether there is any.
+        self.pending_fds = select.poll()
+        self.pending_fds.register(self.out_r, select.POLLIN)
+        self.pending_fds.register(self.err_r, select.POLLIN)
+        self.wake_r, self.wake_w = os.pipe()  # close-on-exec; a write asks for a flush
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.output = Output(self.wake_w)
+        self.output.flush = self.flush_output
         self._install_std_fds()
         self.repl = Repl(
             self.module,
@@ -161,20 +190,13 @@ class Runner:
         os.dup2(self.null_r, 0)
         os.dup2(self.out_w, 1)
         os.dup2(self.err_w, 2)
-        # write_through on unbuffered raw files: each write reaches the fd at once, so
-        # Python-level output and fd-level output (os.system, C code) keep their order.
+        # print() output is buffered and goes to the protocol pipe, not to fds 1 and 2: see
+        # replchild/output.py for how it keeps its order with what is written to them.
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-        sys.stdout = self._text_writer(1)
-        sys.stderr = self._text_writer(2)
+        sys.stdout = TextWriter(self.output, T_STDOUT)
+        sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)  # as Python's
         # sys.__stdout__ and friends are what code restores after redirecting: make them ours.
         sys.__dict__.update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
-
-    @staticmethod
-    def _text_writer(fd: int) -> io.TextIOWrapper:
-        raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
-        return io.TextIOWrapper(
-            raw, encoding="utf-8", errors="backslashreplace", write_through=True
-        )
 
     def _restore_std_fds(self) -> None:
         """Undo what user code did to fds 0/1/2 and sys.std* (closed them, say): exit()
@@ -186,18 +208,18 @@ class Runner:
                 same = False
             if not same:
                 os.dup2(target, fd)
-        if sys.stdin is None or sys.stdin.closed:
+        if _unusable(sys.stdin):
             sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-        if sys.stdout is None or sys.stdout.closed:
-            sys.stdout = self._text_writer(1)
-        if sys.stderr is None or sys.stderr.closed:
-            sys.stderr = self._text_writer(2)
+        if _unusable(sys.stdout):
+            sys.stdout = TextWriter(self.output, T_STDOUT)
+        if _unusable(sys.stderr):
+            sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)
 
     # --- frames out -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.write(self.proto_out, view)
+            n = _write_fd(self.proto_out, view)
             view = view[n:]
 
     def send(self, kind: int, payload: bytes) -> None:
@@ -210,26 +232,63 @@ class Runner:
         return self._send_frame_in_order(encode(kind, payload))
 
     def _send_frame_in_order(self, frame: bytes) -> bool:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001 - user may have replaced or closed it
-                pass
+        self._flush_replaced_streams()
         if self.forked:
+            self.output.flush()
             return False
-        main = _thread.get_ident() == self.main_thread
+        self._deliver(frame)
+        return True
+
+    def flush_output(self) -> None:
+        """Deliver buffered print() output, after what fds 1 and 2 hold: from any thread."""
+        self._deliver(b"")
+
+    def _deliver(self, frame: bytes, *, ending: bool = False) -> None:
+        """Under the lock: forward the pipes, then the buffered output, then `frame`; with
+        `ending`, the execution ends before `frame` (its completion). Output is dropped
+        between executions, as _forward_available drops it."""
+        me = _thread.get_ident()
+        if self.lock_owner == me:
+            # A write made while this thread delivers (a __del__, a signal handler): it
+            # stays buffered for the next delivery rather than deadlock on our own lock.
+            return
+        main = me == self.main_thread
+        was_deferring = self.deferring
         if main:
             self.deferring = True
         try:
             with self.lock:
-                self._forward_available()
-                self._write(frame)
+                self.lock_owner = me
+                try:
+                    self._forward_available(check=True)
+                    runs = self.output.take()
+                    data = [
+                        encode(kind, chunk[at : at + READ_CHUNK])
+                        for kind, chunk in (runs if self.executing else ())
+                        for at in range(0, len(chunk), READ_CHUNK)
+                    ]
+                    if ending:
+                        self.executing = False
+                    if frame:
+                        data.append(frame)
+                    if data:
+                        self._write(b"".join(data))
+                finally:
+                    self.lock_owner = 0
         finally:
             if main:
-                self.deferring = False
-        if main:
+                self.deferring = was_deferring
+        if main and not was_deferring:
             self._raise_deferred()
-        return True
+
+    def _flush_replaced_streams(self) -> None:
+        # Streams user code put in place of ours (a file opened on fd 1, say) write to the fds.
+        for stream in (sys.stdout, sys.stderr):
+            if stream.__class__ is not TextWriter:
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001 - user may have replaced or closed it
+                    pass
 
     def _raise_deferred(self) -> None:
         if self.interrupted:
@@ -237,9 +296,16 @@ class Runner:
             if self.running:
                 raise KeyboardInterrupt
 
-    def _forward_available(self) -> int:
-        """Forward what the output pipes hold now; caller holds the lock. Bytes moved."""
+    def _forward_available(self, *, check: bool = False) -> int:
+        """Forward what the output pipes hold now; caller holds the lock. Bytes moved.
+        With `check`, one poll first spares the reads of two empty pipes.
+
+        Between executions it is read and dropped instead: the server takes every output
+        frame after it sent an execution for that execution's output (README: Stray output).
+        """
         moved = 0
+        if check and not self.pending_fds.poll(0):
+            return 0
         for fd, kind in ((self.out_r, T_STDOUT), (self.err_r, T_STDERR)):
             while True:
                 try:
@@ -248,7 +314,8 @@ class Runner:
                     break
                 if not data:
                     break
-                self._write(encode(kind, data))
+                if self.executing:
+                    self._write(encode(kind, data))
                 moved += len(data)
                 if len(data) < READ_CHUNK:
                     break
@@ -264,17 +331,37 @@ class Runner:
         poller.register(self.err_r, select.POLLIN)
         # Event mask 0 still reports POLLHUP: the server's end of our request pipe closed.
         poller.register(self.proto_in, 0)
+        poller.register(self.wake_r, select.POLLIN)
         invalid = select.POLLERR | select.POLLNVAL
         last = 0.0
         moved = 0
+        output = self.output
         while True:
             events = poller.poll()
+            woken = piped = False
             for fd, mask in events:
                 # Our request pipe hung up (the server is gone), or user code closed one of
                 # our descriptors: either way this process can no longer do its job.
                 hung_up = mask & select.POLLHUP and not mask & select.POLLIN
                 if fd == self.proto_in or mask & invalid or hung_up:
                     self.server_gone()
+                if fd == self.wake_r:
+                    woken = True
+                else:
+                    piped = True
+            if woken:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                sleep(FLUSH_DELAY_S)  # what is printed meanwhile goes in the same frame
+                output.armed = False  # before the take: a write after it arms again
+                if output.parts:
+                    self.flush_output()  # the pipes' bytes first
+                    last = monotonic()
+                    continue
+            if not piped:
+                continue
             # A write after a quiet spell goes out at once (no added latency); during a
             # burst, wait a moment so that one frame -- and one GIL hand-over -- carries
             # the output of many small writes instead of each of them.
@@ -353,15 +440,20 @@ class Runner:
     def serve(self) -> None:
         self.warm_up()
         self.prepare_namespace()
-        with self.lock:
-            self._forward_available()  # what start-up wrote, before READY: dropped
-            self._write(encode(T_READY, str(os.getpid()).encode()))
+        # What start-up wrote (fds 1 and 2, print()) goes before READY: dropped.
+        self._deliver(encode(T_READY, str(os.getpid()).encode()))
         while True:
             kind, payload = self.read_frame()
             if kind == T_INPUT_REPLY:
                 continue  # an answer that came after its execution ended (a stop): stale
             if kind == T_QUERY:
                 self.answer_query(payload)
+                continue
+            if kind == T_PIECE:
+                self.pieces.append(payload)
+                continue
+            if kind in (T_SAVE, T_LOAD):
+                self.save(payload) if kind == T_SAVE else self.load()
                 continue
             if kind != T_EXEC or not payload:
                 self.fatal(f"unexpected frame type {kind:#x}")
@@ -398,9 +490,37 @@ class Runner:
             import json
 
             reply = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        self._deliver(encode(T_ANSWER, reply))  # output the query caused first (dropped)
+
+    # --- snapshots (replchild/snapshot.py) --------------------------------------------------
+    def save(self, payload: bytes) -> None:
+        """Send a snapshot of the namespace and the working directory, then its summary.
+        Pickling can run the session's code (__reduce__): its output is dropped, and it
+        cannot ask for input."""
+        self.input_allowed = False
+        try:
+            (limit,) = SAVE.unpack(payload)
+            snapshot = import_later("snapshot")  # its cost only for sessions that are saved
+            blob, summary = snapshot.save(self.module.__dict__, self.workdir, limit)
+        except BaseException as exc:  # noqa: BLE001 - reported to the server, never fatal
+            blob, summary = b"", {"error": f"{type(exc).__name__}: {exc}"}
         with self.lock:
-            self._forward_available()  # output the query caused goes first (and is dropped)
-            self._write(encode(T_ANSWER, reply))
+            for start in range(0, len(blob), PIECE_BYTES):
+                self._write(encode(T_PIECE, blob[start : start + PIECE_BYTES]))
+            self._write(encode(T_SAVED, json_bytes(summary)))
+
+    def load(self) -> None:
+        """Restore the snapshot sent in pieces; report what came back and what did not."""
+        self.input_allowed = False
+        blob, self.pieces = b"".join(self.pieces), []
+        snapshot = import_later("snapshot")
+        try:
+            report = snapshot.restore(blob, self.module.__dict__, self.workdir)
+        except snapshot.Unusable as exc:
+            report = {"error": f"the snapshot cannot be used: {exc}"}
+        except BaseException as exc:  # noqa: BLE001 - reported to the server, never fatal
+            report = {"error": f"{type(exc).__name__}: {exc}"}
+        self.send(T_LOADED, json_bytes(report))
 
     @staticmethod
     def reap_zombies() -> None:
@@ -428,11 +548,16 @@ class Runner:
         # second DONE frame, a second reader of requests): it loses the pipes now, and it
         # exits when the user code it is running finishes (see execute).
         self.forked = True
-        for fd in (self.proto_in, self.proto_out):
+        self.output.forked()
+        for fd in (self.proto_in, self.proto_out, self.wake_r, self.wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        # The runner's SIGTERM means "the server is gone: kill the session's group"; in a
+        # copy (a multiprocessing worker that its pool terminates) it must mean what it
+        # means to any process, or terminating a worker would kill the whole session.
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
 
     def on_sigint(self, signum: int, frame: object) -> None:
         # Between executions an interrupt (a timeout racing the completion) has nothing to
@@ -444,6 +569,12 @@ class Runner:
                 raise KeyboardInterrupt
 
     def execute(self, code: str, flags: int = 0) -> None:
+        with self.lock:
+            # What was written while no execution ran (a background thread, a leftover
+            # subprocess) is dropped now, before it could pass for this execution's output.
+            self._forward_available()
+            self.output.take()  # print() output of the same kind: dropped too
+            self.executing = True
         self.count += 1
         self.input_allowed = bool(flags & FLAG_INPUT)
         self.interrupted = False
@@ -507,13 +638,9 @@ class Runner:
             exec(compile(tree, name, "exec", dont_inherit=True), namespace)
         exec(last, namespace)
 
-    @staticmethod
-    def _exit_forked(status: int) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001 - user may have replaced or closed it
-                pass
+    def _exit_forked(self, status: int) -> None:
+        self._flush_replaced_streams()
+        self.output.flush()
         os._exit(status)
 
     def report(self, exc: BaseException) -> None:
@@ -535,17 +662,10 @@ class Runner:
         self.write_stderr(text.encode("utf-8", "backslashreplace"))
 
     def write_stderr(self, data: bytes) -> None:
-        try:
-            sys.stderr.flush()
-        except BaseException:  # noqa: BLE001 - user may have replaced or closed it
-            pass
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.err_w, view)
-            except InterruptedError:
-                continue
-            view = view[n:]
+        """Our own messages (tracebacks, notes) on the user's stderr, in order with it."""
+        self._flush_replaced_streams()
+        self.output.append(T_STDERR, data)
+        self.output.flush()
 
     def read_input(self, prompt: bytes, password: bool) -> str:
         """Send an input request and wait for its answer (a stop ends the wait)."""
@@ -570,11 +690,7 @@ class Runner:
 
     def finish(self, return_code: int, reason: int, note: str) -> None:
         """Forward every byte written so far, then the completion frame, in that order."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001 - user may have replaced or closed it
-                pass
+        self._flush_replaced_streams()
         cpu_us, peak_rss = self.usage.stop()
         frame = encode_done(
             return_code,
@@ -584,10 +700,16 @@ class Runner:
             peak_rss,
             note.encode("utf-8", "backslashreplace"),
         )
-        with self.lock:
-            self._forward_available()
-            if self.count:  # not the warm-up's (count 0): the server's first frame is READY
-                self._write(frame)
+        # Not the warm-up's frame (count 0): the server's first frame is READY.
+        self._deliver(frame if self.count else b"", ending=True)
+
+
+def _unusable(stream: object) -> bool:
+    """Whether a sys.std* stream was removed or closed (or cannot even say)."""
+    try:
+        return stream is None or bool(getattr(stream, "closed", False))
+    except Exception:  # noqa: BLE001 - whatever user code put there
+        return True
 
 
 def _strip_runner_frames(
@@ -679,6 +801,13 @@ def make_undumpable() -> None:
         raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
 
 
+def json_bytes(value: object) -> bytes:
+    """Compact JSON as UTF-8 (a frame's payload)."""
+    import json
+
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def import_later(name: str) -> ModuleType:
     """A module of the child package imported after start-up (completion on the first
     query, say), when the package is out of sys.modules and its directory off sys.path:
@@ -712,6 +841,7 @@ def main() -> None:
     apply_limits(os.environ.pop("REPL_RLIMITS", ""))
     output_fds = os.environ.pop("REPL_OUTPUT_FDS", "")
     runner = Runner(proto_in, proto_out, max_frame, usage, output_fds, max_result)
+    install_flush_points(runner.output)
     _signal.signal(_signal.SIGINT, runner.on_sigint)
     # SIGTERM comes from the server's shutdown ladder or, as the parent-death signal, from
     # the kernel when the server dies: either way, end everything this session started.

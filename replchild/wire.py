@@ -28,6 +28,14 @@ T_FATAL = 0x21  # '!' child -> server: protocol error text, then the child exits
 T_QUERY = 0x51  # 'Q' server -> child: JSON {"op": "complete"|"inspect", "code", "cursor"}
 T_ANSWER = 0x71  # 'q' child -> server: JSON answer to the oldest unanswered query
 T_STARTUP = 0x53  # 'S' child -> server: JSON report of preloads and startup code, before READY
+# Snapshots (replchild/snapshot.py, replserver/snapshots/): opaque bytes in pieces of at
+# most PIECE_BYTES, so that neither side's frame limit bounds a snapshot's size.
+T_SAVE = 0x4B  # 'K' server -> child (keep): SAVE layout; reply: PIECE frames, then SAVED
+T_PIECE = 0x50  # 'P' either way: the next piece of a snapshot
+T_SAVED = 0x6B  # 'k' child -> server: JSON summary; the snapshot's pieces are all sent
+T_LOAD = 0x4C  # 'L' server -> child: restore from the pieces sent before it; reply: LOADED
+T_LOADED = 0x6C  # 'l' child -> server: JSON report of what was restored and what was not
+PIECE_BYTES = 1024 * 1024
 
 INPUT_PASSWORD = 0x01  # INPUT_REQUEST flag: getpass, the answer is not echoed
 INPUT_VALUE = 0  # INPUT_REPLY status: the value follows
@@ -41,6 +49,7 @@ REASON_MEMORY = 4
 
 DONE = struct.Struct(">iIBQQ")  # return code, execution count, reason, CPU us, peak RSS bytes
 INPUT = struct.Struct(">IB")  # input request and reply: request number, flags or status
+SAVE = struct.Struct(">Q")  # the snapshot's size cap in bytes
 
 
 def encode(kind: int, payload: bytes) -> bytes:

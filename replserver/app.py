@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp_cors
 from aiohttp import web
 
-from . import completion_routes, probe, routes
+from . import completion_routes, file_routes, probe, routes
 from .isolation import Isolation
 from .manager import SessionManager
 from .metrics import Metrics
@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_close_sessions)
     cors = aiohttp_cors.setup(app, defaults=_cors_defaults(settings))
-    for route in (*routes.add_routes(app), *completion_routes.add_routes(app)):
+    for route in (
+        *routes.add_routes(app),
+        *completion_routes.add_routes(app),
+        *file_routes.add_routes(app),
+    ):
         cors.add(route)
     return app

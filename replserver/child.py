@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from . import protocol
@@ -100,10 +101,17 @@ class ChildProcess:
         self._ending = False  # end() has begun: it closes the request pipe itself
         self._queries: deque[asyncio.Future[bytes]] = deque()  # awaiting answers, oldest first
         self.startup: StartupReport | None = None  # what its preloads and startup code did
+        # Takes the frames of a snapshot being saved or restored (replserver/snapshots).
+        self.snapshot_sink: Callable[[int, bytes], None] | None = None
 
     def __repr__(self) -> str:
         state = "gone" if self._gone.done() else ("busy" if self.current else "idle")
         return f"<ChildProcess pid={self.pid} {state}>"
+
+    @property
+    def lease(self) -> Lease | None:
+        """The isolation layers this child runs under (its uid, its working directory)."""
+        return self._lease
 
     @property
     def alive(self) -> bool:
@@ -135,6 +143,9 @@ class ChildProcess:
         os.set_blocking(out_r, False)  # the draining after a death must never wait
         os.set_blocking(err_r, False)
         fds = (out_r, out_w, err_r, err_w)
+        # Before the start: a process that exits at once is noticed (process_exited) before
+        # this coroutine resumes, and its exit drains these.
+        child._leftover_fds = (out_r, err_r)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _ChildProtocol(child),
@@ -149,6 +160,7 @@ class ChildProcess:
                 preexec_fn=make_preexec(confinement),
             )
         except (OSError, subprocess.SubprocessError) as exc:
+            child._leftover_fds = ()
             os.close(out_r)
             os.close(err_r)
             await child._release()
@@ -156,8 +168,8 @@ class ChildProcess:
         finally:
             os.close(out_w)
             os.close(err_w)
-        child._leftover_fds = (out_r, err_r)
-        child._attach(transport)
+        if child._transport is None:
+            child._attach(transport)
         try:
             if child._cgroup is not None:
                 # Before any user code: the child only forks once it runs an execution.
@@ -223,6 +235,17 @@ class ChildProcess:
         self._stdin.write(frame)
         return answer
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Write request frames other than an execution's (a snapshot's, say)."""
+        if not self.alive or self._stdin is None or self._stdin.is_closing():
+            raise ProtocolError("the session's Python process is not running")
+        self._stdin.writelines(frames)
+
+    @property
+    def ended(self) -> asyncio.Future[int | None]:
+        """Done when the process has exited (its return code)."""
+        return self._gone
+
     def pause_reading(self) -> None:
         if self._stdout is not None and not self._stdout.is_closing():
             self._stdout.pause_reading()
@@ -276,6 +299,8 @@ class ChildProcess:
             self._on_answer(payload)
         elif kind == protocol.T_STARTUP:
             self._on_startup(payload)
+        elif kind in protocol.SNAPSHOT_FRAMES and self.snapshot_sink is not None:
+            self.snapshot_sink(kind, payload)  # a snapshot's, to the transfer that asked
         else:
             raise ProtocolError(f"a frame of unknown type {kind:#x}")
 
@@ -566,6 +591,11 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 
     def __init__(self, child: ChildProcess) -> None:
         self._child = child
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called before any other callback, which may come before spawn() resumes.
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._child._attach(transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:

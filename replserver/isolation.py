@@ -1,15 +1,15 @@
 """Which isolation layers this server can apply, and one lease of them per child.
 
 A lease is what one child runs under for its whole life: an unprivileged uid of its own
-(when the server is root), a private working directory, a pids cgroup, a network
-namespace and/or a seccomp filter. Leases are released only after every process of the
-child is dead, so a uid or directory is never handed on while something still uses it.
+(when the server is root), its own filesystem (working directory and temporary directories,
+sessionfs.py), a pids cgroup, a network namespace and the seccomp filter. Leases are
+released only after every process of the child is dead, so a uid or directory is never
+handed on while something still uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -29,7 +29,8 @@ import replchild
 from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError
 from .sandbox import Confinement, make_undumpable
-from .seccomp import SockFprog, compile_filter
+from .seccomp import BWRAP_NEEDS, SockFprog, compile_filter
+from .sessionfs import SessionFilesystems, SessionFs, enter_own_mount_namespace, remove_owned
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,14 @@ class Lease:
     """One child's share of the isolation layers."""
 
     uid: int | None
-    workdir: Path
+    fs: SessionFs
     cgroup: ChildCgroup | None
     confinement: Confinement
+
+    @property
+    def workdir(self) -> Path:
+        """The session's working directory, as the server sees it (and the code does)."""
+        return self.fs.workdir
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Layers:
     uid_separation: bool = False
     network_namespace: bool = False
     seccomp: bool = False
+    seccomp_mode: str = "off"
+    private_tmp: bool = False
+    disk_quota: int | None = None
     bubblewrap: bool = False
     pids_cgroup: bool = False
     rlimits: bool = True
@@ -65,6 +74,9 @@ class Layers:
             "uidSeparation": self.uid_separation,
             "networkNamespace": self.network_namespace,
             "seccomp": self.seccomp,
+            "seccompMode": self.seccomp_mode,
+            "privateTmp": self.private_tmp,
+            "diskQuota": self.disk_quota,
             "bubblewrap": self.bubblewrap,
             "pidsCgroup": self.pids_cgroup,
             "rlimits": self.rlimits,
@@ -92,15 +104,26 @@ class Isolation:
         self._uid_lock_dir = Path(tempfile.gettempdir()) / "replserver-uids"
         if self.root:
             self._uid_lock_dir.mkdir(mode=0o700, exist_ok=True)
-        self._seccomp: SockFprog | None = None
-        self.netns = False
-        if settings.network == "none":
-            self._seccomp = compile_filter()
-            # unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN, which a container's root lacks
-            # unless it is added: without it, seccomp alone keeps the network out.
-            self.netns = self.root and has_capability(CAP_SYS_ADMIN)
         self.cgroups = CgroupTree.create() if settings.cgroups == "auto" else None
         self.bwrap = shutil.which(settings.bubblewrap_path) if settings.bubblewrap else None
+        # Every child, whatever the server runs as. bubblewrap builds its sandbox with mount
+        # calls after the filter is in place: those stay open under it.
+        self._seccomp: SockFprog | None = compile_filter(
+            deny_sockets=settings.network == "none", relax=BWRAP_NEEDS if self.bwrap else ()
+        )
+        # Namespaces need CAP_SYS_ADMIN, which a container's root lacks unless it is added:
+        # without it, seccomp alone keeps the network out, and temporary directories are
+        # shared (see notes).
+        self.has_seccomp = self._seccomp is not None
+        self.may_mount = self.root and has_capability(CAP_SYS_ADMIN)
+        self.netns = self.may_mount and settings.network == "none"
+        # A security module (Docker's default AppArmor profile) may refuse mounts even so.
+        mount_error: OSError | None = None
+        own_namespace = False
+        try:
+            own_namespace = self.may_mount and enter_own_mount_namespace()
+        except OSError as exc:
+            mount_error = exc
         base = Path(settings.work_dir or tempfile.gettempdir())
         self.work_base = base / f"replserver-{os.getpid()}-{secrets.token_hex(4)}"
         # 0711: children may enter their own directory below but not list the others.
@@ -111,6 +134,17 @@ class Isolation:
         self.python = settings.python
         self.runner_dir = self.work_base / "runner"
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
+        try:
+            self.fs = SessionFilesystems(
+                self.work_base,
+                private=self.may_mount and mount_error is None,
+                size_bytes=settings.limit_disk_bytes,
+            )
+        except OSError as exc:
+            mount_error = exc
+            self.fs = SessionFilesystems(self.work_base, private=False, size_bytes=0)
+        if self.fs.private and not own_namespace:
+            log.info("the server has threads: session filesystems are mounted in its namespace")
         self.layers = Layers(
             uid_separation=self.root,
             network_namespace=self.netns,
@@ -132,6 +166,21 @@ class Isolation:
             self.layers.notes.append(
                 "no CAP_SYS_ADMIN: no network namespace per child; seccomp refuses sockets"
             )
+        if mount_error is not None:
+            log.warning("cannot mount session filesystems: %s", mount_error)
+            self.layers.notes.append(f"cannot mount session filesystems: {mount_error}")
+        if not self.fs.private and self.bwrap is None:  # bubblewrap has a /tmp of its own
+            self.layers.notes.append(
+                "shared temporary directories: /tmp, /var/tmp and /dev/shm are the host's,"
+                " visible to every session (names of files, and their contents where their"
+                " modes allow: sessions run with umask 077), and there is no disk quota;"
+                " it takes root with CAP_SYS_ADMIN to give each session its own"
+            )
+            if _sysctl("fs/protected_symlinks") == "0":
+                self.layers.notes.append(
+                    "fs.protected_symlinks is 0 on this host: a symlink one session plants in"
+                    " a shared temporary directory can redirect another's writes (set it to 1)"
+                )
 
     def fall_back_to_base_python(self) -> bool:
         """The children's uid cannot run the configured interpreter (a virtual environment
@@ -176,18 +225,25 @@ class Isolation:
     def lease(self) -> Lease:
         """Everything one new child needs; raises ChildStartError when uids run out."""
         uid = self._take_uid() if self.separate_uids else None
-        workdir = self.work_base / f"s-{secrets.token_hex(8)}"
         try:
-            workdir.mkdir(mode=0o700)
-            if uid is not None:
-                os.chown(workdir, uid, uid)
+            # What the child must reach at the same path: the runner, and the interpreter's
+            # environment (the current one: a fallback may have changed it).
+            keep = [self.runner_dir, *python_environments(self.python)]
+            fs = self.fs.create(secrets.token_hex(8), uid, keep=keep)
         except OSError as exc:
             if uid is not None:
                 self._give_back_uid(uid)
             raise ChildStartError(f"could not create the session's directory: {exc}") from exc
         cgroup = self.cgroups.new(self._settings.limit_processes) if self.cgroups else None
-        confinement = Confinement(uid=uid, gid=uid, new_netns=self.netns, seccomp=self._seccomp)
-        return Lease(uid=uid, workdir=workdir, cgroup=cgroup, confinement=confinement)
+        confinement = Confinement(
+            uid=uid,
+            gid=uid,
+            new_netns=self.netns,
+            seccomp=self._seccomp,
+            mounts=fs.mounts,
+            cwd=str(fs.workdir) if fs.mounts else "",
+        )
+        return Lease(uid=uid, fs=fs, cgroup=cgroup, confinement=confinement)
 
     def command(self, lease: Lease | None) -> list[str]:
         """The child's command line: the runner, inside bubblewrap when that is on."""
@@ -197,17 +253,26 @@ class Isolation:
         home = str(lease.workdir)
         # The interpreter's environment (a venv), if it lives under /tmp, must stay visible
         # through the private /tmp.
-        env_root = os.path.realpath(Path(self.python).parent.parent)
-        keep = ("--ro-bind", env_root, env_root) if env_root.startswith("/tmp/") else ()
+        roots = [str(p) for p in python_environments(self.python) if str(p).startswith("/tmp/")]
+        keep = tuple(arg for root in roots for arg in ("--ro-bind", root, root))
+        if lease.fs.root is not None:
+            # The child's mount namespace already has the session's own temporary
+            # directories (inside its quota) in place: carry them into the sandbox.
+            temp = tuple(arg for d in self.fs.targets for arg in ("--bind", d, d))
+            keep = ()
+        else:
+            temp = ("--tmpfs", "/tmp")
         # Read-only root, private /tmp and /dev, its own /proc and pid namespace; only the
         # session's directory is writable. --die-with-parent and the pid namespace take
         # every process of the sandbox down with it.
         return [
             self.bwrap,
-            *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"),
+            *("--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *temp),
             *keep,
             *("--bind", home, home, "--ro-bind", str(self.runner_dir), str(self.runner_dir)),
-            *("--unshare-pid", "--die-with-parent", "--chdir", home, "--"),
+            *("--unshare-pid", "--die-with-parent", "--chdir", home),
+            # Our filter lets bubblewrap make namespaces; nothing inside may make another.
+            *("--unshare-user", "--disable-userns", "--"),
             *child,
         ]
 
@@ -227,8 +292,11 @@ class Isolation:
                     "uid %d is not reused: its processes were not checked: %s", lease.uid, exc
                 )
                 uid_free = False
-        await asyncio.to_thread(_remove_workdir, lease.workdir)
+        await asyncio.to_thread(self.fs.remove, lease.fs)
         if uid_free and lease.uid is not None:
+            if lease.fs.root is None:
+                # Shared temporary directories: what this uid left there goes with it.
+                await asyncio.to_thread(remove_owned, lease.uid)
             self._give_back_uid(lease.uid)
 
     def _take_uid(self) -> int:
@@ -273,6 +341,7 @@ class Isolation:
         if self.cgroups is not None:
             await self.cgroups.remove()
             self.cgroups = None
+        await asyncio.to_thread(self.fs.close)
         await asyncio.to_thread(shutil.rmtree, self.work_base, True)
 
 
@@ -307,14 +376,6 @@ def install_runner(source: str, directory: Path) -> str:
     return str(directory / "runner_child.py")
 
 
-def _remove_workdir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    # rmtree needs a descriptor per level; out of them (EMFILE, the very reason a spawn may
-    # have failed), an empty directory still goes with a plain rmdir.
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
 def hidden_part(path: str) -> str:
     """The first directory on the way to `path` (or `path` itself) that an unprivileged
     user with no groups cannot search or execute; "" if there is none."""
@@ -341,7 +402,22 @@ def unreachable_interpreter(python: str) -> str:
     )
 
 
+def python_environments(python: str) -> list[Path]:
+    """The directories holding the interpreter's environment: a venv's root, and the
+    prefix of the Python it links to (which the venv's pyvenv.cfg names)."""
+    roots = [Path(os.path.realpath(Path(python).parent.parent))]
+    base = Path(os.path.realpath(python)).parent.parent
+    return roots if base in roots else [*roots, base]
+
+
 CAP_SYS_ADMIN = 21
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return ""
 
 
 def has_capability(cap: int) -> bool:

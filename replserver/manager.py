@@ -13,6 +13,7 @@ from .metrics import Metrics
 from .pool import ChildPool
 from .session import Run, Session
 from .settings import Settings
+from .snapshots.keeper import Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class SessionManager:
         self.evicted = 0
         self.culled = 0
         self.deleted = 0
+        # Saved namespaces (None with REPL_SNAPSHOT_STORE=off): sessions outlive processes.
+        self.snapshots = Snapshots.from_settings(settings, metrics)
         if metrics is not None:
             metrics.watch(self.snapshot)
 
@@ -53,6 +56,8 @@ class SessionManager:
         """Background work: fill the warm pool, cull idle sessions."""
         self.pool.start()
         self._culler = asyncio.create_task(self._cull_forever())
+        if self.snapshots is not None:
+            self.snapshots.start(self._sessions.values)
 
     def snapshot(self) -> dict[str, float]:
         """Counts for /metrics, read at scrape time."""
@@ -85,6 +90,8 @@ class SessionManager:
         if len(self._sessions) >= self._settings.max_sessions:
             self._evict_idle()
         session = Session(session_id, settings=self._settings, pool=self.pool, metrics=self.metrics)
+        if self.snapshots is not None:
+            session.restorer = self.snapshots.restore
         lost = self._forgotten.pop(session_id, None)
         if lost is not None:
             session.lost_state(lost)
@@ -97,24 +104,31 @@ class SessionManager:
             if not session.busy:
                 log.info("evicting idle session %s (cap of %d)", sid, self._settings.max_sessions)
                 self.evicted += 1
-                self._drop(sid, "evicted: the server's session cap was reached")
+                self._drop(sid, "evicted: the server's session cap was reached", "evicted")
                 return
         raise TooManySessions(
             f"all {self._settings.max_sessions} sessions are busy; retry shortly",
             retry_after_s=1,
         )
 
-    def _drop(self, session_id: str, reason: str) -> None:
+    def _drop(self, session_id: str, reason: str, cause: str | None = None) -> None:
+        """Forget the session and end it; with a `cause` (culled, evicted), save it first."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             return
         self._forgotten[session_id] = reason
         while len(self._forgotten) > _FORGOTTEN_MAX:
             self._forgotten.popitem(last=False)
-        session.close(reason)
+        if cause is not None and self.snapshots is not None:
+            self.snapshots.retire(session, cause, reason)
+        else:
+            session.close(reason)
 
     def delete(self, session_id: str) -> bool:
-        """End a session now (DELETE /sessions/{id}); False if there was none."""
+        """End a session now (DELETE /sessions/{id}); False if there was none. Its snapshot
+        is deleted either way."""
+        if self.snapshots is not None:
+            self.snapshots.forget(session_id)
         if session_id not in self._sessions:
             return False
         self.deleted += 1
@@ -128,7 +142,7 @@ class SessionManager:
         deadline = (time.time() if now is None else now) - limit
         idle = [sid for sid, s in self._sessions.items() if s.last_active < deadline and not s.busy]
         for sid in idle:
-            self._drop(sid, f"idle: no request for {limit:g} s")
+            self._drop(sid, f"idle: no request for {limit:g} s", "culled")
         self.culled += len(idle)
         return len(idle)
 
@@ -141,6 +155,8 @@ class SessionManager:
                 log.info("culled %d idle session(s)", culled)
 
     async def reset(self, session_id: str) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.forget(session_id)  # a reset session is never resurrected
         session = self._sessions.get(session_id)
         if session is not None:
             await session.reset()
@@ -151,8 +167,14 @@ class SessionManager:
         if self._culler is not None:
             self._culler.cancel()
             self._culler = None
+        reason = "the server is shutting down"
+        if self.snapshots is not None:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+            await self.snapshots.retire_all(sessions, "shutdown", reason)
+            await self.snapshots.close()
         for sid in list(self._sessions):
-            self._drop(sid, "the server is shutting down")
+            self._drop(sid, reason)
         await self.pool.close()
         if self.isolation is not None:
             await self.isolation.close()

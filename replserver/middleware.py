@@ -49,7 +49,11 @@ OPEN_PATHS = frozenset({"/health", "/"})
 
 
 def status_of(exc: ReplError) -> int:
-    """The HTTP status of one of our errors: its nearest class in STATUS, else 500."""
+    """The HTTP status of one of our errors: its own (a file error knows which of 400,
+    403, 404, 409, 413 or 507 it is), else its nearest class in STATUS, else 500."""
+    own = getattr(exc, "status", None)
+    if isinstance(own, int):
+        return own
     for cls in type(exc).__mro__:
         status = STATUS.get(cls)
         if status is not None:

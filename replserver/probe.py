@@ -8,10 +8,12 @@ cgroup), and /health shows that, not the configuration.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 from contextlib import aclosing
+from typing import Any
 
 from .child import child_environment
 from .errors import ChildStartError
@@ -43,6 +45,28 @@ seen["rlimits"] = {
 }
 seen["environ"] = sorted(os.environ)
 seen["cgroups"] = open("/proc/self/cgroup").read()
+# Temporary directories: which they are, whether they are ours to write, on what filesystem.
+seen["cwdDev"] = os.stat(".").st_dev
+vfs = os.statvfs(".")
+seen["cwdBytes"] = vfs.f_blocks * vfs.f_frsize
+seen["temp"] = {}
+for path in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
+    try:
+        st = os.stat(path)
+    except OSError:
+        continue
+    seen["temp"][path] = [st.st_dev, st.st_ino, os.access(path, os.W_OK)]
+# The seccomp deny-list, seen from a fork: can it make a user namespace, reach the keyrings?
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    code = 0 if libc.unshare(0x10000000) == 0 else ctypes.get_errno()
+    os._exit(code)
+seen["unshareUser"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+libc.syscall.restype = ctypes.c_long
+keyctl = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+seen["keyctl"] = 0 if keyctl is None or libc.syscall(keyctl, 0, -2, 0) >= 0 else ctypes.get_errno()
 print(json.dumps(seen))
 """
 
@@ -71,8 +95,22 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
     layers.minimal_environment = set(seen["environ"]) <= set(child_environment(settings))
     tree = isolation.cgroups
     layers.pids_cgroup = tree is not None and f"/{tree.base.name}/child-" in seen["cgroups"]
+    layers.private_tmp, layers.disk_quota = _temp_dirs(seen, settings)
+    # Refused kernel interfaces: keyctl by the filter alone; a user namespace by the filter,
+    # or under bubblewrap (which needs namespaces itself) by its --disable-userns.
+    if seen["keyctl"] == errno.EPERM:
+        layers.seccomp_mode = "deny-list" if seen["unshareUser"] != 0 else "partial"
+    else:
+        layers.seccomp_mode = "off"
     log.info("isolation in force: %s", layers.as_json())
     missing = missing_layers(settings, isolation)
+    # Root without CAP_SYS_ADMIN (a default container) falls back to shared temporary
+    # directories with umask 077 and a clean-up per uid, and says so in the notes.
+    quota = layers.disk_quota or not settings.limit_disk_bytes
+    if (isolation.may_mount or not isolation.root) and not (layers.private_tmp and quota):
+        missing.append("private temporary directories and a disk quota")
+    if isolation.has_seccomp and layers.seccomp_mode != "deny-list":
+        missing.append("the seccomp deny-list")
     if missing:
         message = "required isolation layers are not in force: " + ", ".join(missing)
         if settings.require_isolation:
@@ -80,6 +118,25 @@ async def verify(settings: Settings, isolation: Isolation) -> Layers:
         log.warning("%s", message)
         layers.notes.append(message)
     return layers
+
+
+def _temp_dirs(seen: dict[str, Any], settings: Settings) -> tuple[bool, int | None]:
+    """Private temporary directories (none is the server's, or none writable) and the
+    quota over them and the working directory (the size of the one filesystem they share)."""
+    private = True
+    shared_fs = True
+    for path, (dev, ino, writable) in seen["temp"].items():
+        try:
+            host = os.stat(path)
+        except OSError:
+            continue
+        if writable and (host.st_dev, host.st_ino) == (dev, ino):
+            private = False
+        if writable and dev != seen["cwdDev"]:
+            shared_fs = False
+    limit = settings.limit_disk_bytes
+    bounded = 0 < seen["cwdBytes"] <= limit + os.sysconf("SC_PAGE_SIZE")
+    return private, seen["cwdBytes"] if limit and bounded and shared_fs else None
 
 
 async def _run_probe_until_it_starts(settings: Settings, isolation: Isolation) -> bytes:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from . import completion
 from .child import ChildProcess
-from .errors import NoInputPending, SessionBusy, ShuttingDown
+from .errors import NoInputPending, ReplError, SessionBusy, ShuttingDown
 from .execution import Execution
+from .files import SessionDir, copy_files, has_entries
 from .metrics import Metrics
 from .pool import ChildPool
 from .settings import Settings
@@ -39,6 +42,13 @@ class Run:
     execution: Execution
     execution_count: int
     restart_reason: str | None
+    # Set on the first run after the namespace was restored from a snapshot: what came back.
+    restored: dict[str, Any] | None = None
+
+
+# Brings a saved namespace into a session's new child (replserver/snapshots); the bool is
+# True when the session's earlier child died.
+Restorer = Callable[["Session", ChildProcess, bool], Awaitable[None]]
 
 
 class Session:
@@ -66,6 +76,8 @@ class Session:
         self.runs: OrderedDict[str, Run] = OrderedDict()
         self._timers: list[asyncio.TimerHandle] = []
         self._lost_state: str | None = None  # why the next run starts on a fresh child
+        self.restorer: Restorer | None = None
+        self._restored: dict[str, Any] | None = None  # for the next run to report
         self.created = time.time()
         self.last_active = self.created
         self.execution_count = 0  # executions sent to the current child
@@ -104,9 +116,63 @@ class Session:
             "cpuSeconds": cpu,
         }
 
+    def files(self) -> SessionDir | None:
+        """The working directory of the session's current child (None before it has one)."""
+        child = self._child
+        lease = child.lease if child is not None else None
+        return SessionDir(lease.workdir, lease.uid) if lease is not None else None
+
+    async def ensure_child(self) -> None:
+        """Give the session a child, and with it a working directory, without running code."""
+        child = self._child
+        if child is not None and child.alive:
+            return
+        async with self._lock:
+            await self._ensure_child()
+        self.last_active = time.time()
+
+    async def _carry_files(self, old: ChildProcess, new: ChildProcess) -> None:
+        """The files of the old child's directory follow the session to its new child.
+
+        A notebook's kernel restart keeps the files on disk; so do a reset and a crash here.
+        The old child is killed first (it is being discarded), so nothing of it writes
+        while the copy runs.
+        """
+        source, target = old.lease, new.lease
+        if source is None or target is None:
+            return
+        src = SessionDir(source.workdir, source.uid)
+        try:
+            if not await asyncio.to_thread(has_entries, src):
+                return
+            old.kill("the session was reset")
+            dst = SessionDir(target.workdir, target.uid)
+            copied = await asyncio.to_thread(copy_files, src, dst)
+            log.info("session %s: %d file(s) carried to its new process", self.id, copied)
+        except (OSError, ReplError) as exc:
+            log.warning("session %s: files not all carried to its new process: %s", self.id, exc)
+
     def lost_state(self, reason: str) -> None:
         """The next reply says earlier state is gone, and why (eviction, idle culling)."""
         self._lost_state = reason
+
+    def restored_from(self, details: dict[str, Any], *, state_lost: bool) -> None:
+        """The next reply says the namespace came back from a snapshot; unless `state_lost`
+        (an older snapshot, after a crash), it is not a restart."""
+        self._restored = details
+        if not state_lost:
+            self._lost_state = None
+
+    @contextlib.asynccontextmanager
+    async def between_requests(self, *, wait: bool = True) -> AsyncIterator[ChildProcess | None]:
+        """Hold the session between two requests: its live child, or None if it has none
+        (or, with `wait` False, if a request holds it now)."""
+        if not wait and self._lock.locked():
+            yield None
+            return
+        async with self._lock:
+            child = self._child
+            yield child if child is not None and child.alive and not self.closed else None
 
     async def start(
         self, code: str, *, timeout_s: float | None = None, interactive: bool = False
@@ -145,7 +211,8 @@ class Session:
         self._timers.append(loop.call_later(bound, self._watchdog, execution, child, bound))
         self.last_active = time.time()
         restart, self._lost_state = self._lost_state, None
-        run = Run(self.id, execution, self.execution_count, restart)
+        restored, self._restored = self._restored, None
+        run = Run(self.id, execution, self.execution_count, restart, restored)
         self.runs[execution.id] = run
         while len(self.runs) > RUNS_KEPT:
             self.runs.popitem(last=False)
@@ -251,23 +318,43 @@ class Session:
         child = self._child
         if child is not None and child.alive:
             return child
+        crashed = child is not None
         if child is not None:
             # The child died since we last used it: the next reply says state was lost.
             self._lost_state = child.error or "the session's Python process ended"
             self._child = None
             if self._metrics is not None:
                 self._metrics.child_restarts.inc()
-            self._pool.discard(child, 0)
-        child = await self._pool.acquire()
+        old = child
+        try:
+            child = await self._pool.acquire()
+        except BaseException:
+            if old is not None:
+                self._pool.discard(old, 0)
+            raise
+        if old is not None:
+            try:
+                await self._carry_files(old, child)
+            except BaseException:
+                self._pool.discard(child)
+                raise
+            finally:
+                self._pool.discard(old, 0)
         if self.closed:
             self._pool.discard(child)
             raise ShuttingDown("the session was closed while starting")
         self._child = child
         self.execution_count = 0
+        if self.restorer is not None:
+            await self.restorer(self, child, crashed)
+            if not child.alive:  # the restore went wrong and ended it: start afresh
+                self._pool.discard(child, 0)
+                child = self._child = await self._pool.acquire()
         return child
 
     async def reset(self) -> None:
-        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept.
+        """A fresh interpreter: queued behind earlier requests, nothing of the old one kept
+        but the files of its working directory.
 
         The new child comes from the warm pool at once; the old one ends in the background.
         """
@@ -275,10 +362,26 @@ class Session:
             child, self._child = self._child, None
             self._lost_state = None
             self.execution_count = 0
+            try:
+                new = None if self.closed else await self._pool.acquire()
+            except BaseException:
+                if child is not None:
+                    self._pool.discard(child)
+                raise
             if child is not None:
-                self._pool.discard(child)
-            if not self.closed:
-                self._child = await self._pool.acquire()
+                try:
+                    if new is not None:
+                        await self._carry_files(child, new)
+                except BaseException:
+                    if new is not None:
+                        self._pool.discard(new)
+                    raise
+                finally:
+                    self._pool.discard(child)
+            if new is not None and self.closed:  # closed while the files were copied
+                self._pool.discard(new)
+                new = None
+            self._child = new
         self.last_active = time.time()
 
     def close(self, reason: str = "the session was closed") -> None:

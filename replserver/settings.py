@@ -31,6 +31,9 @@ class Settings:
     environment: str = "production"
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 * MiB
+    # One file uploaded to a session (PUT /sessions/{id}/files/...): streamed to its
+    # directory, so not bounded by max_body_bytes; the session's own limits apply too.
+    max_upload_bytes: int = 100 * MiB
     # Frames carry at most one output chunk (256 KiB) or one request (the body limit),
     # so this only has to catch corruption before it becomes a huge allocation.
     max_frame_bytes: int = 8 * MiB
@@ -50,6 +53,9 @@ class Settings:
     limit_file_bytes: int = 1024 * MiB
     limit_open_files: int = 1024
     limit_processes: int = 256
+    # Everything a session may write (working directory, /tmp, /var/tmp, /dev/shm): the size
+    # of its own tmpfs, where the server may mount one (SECURITY.md); 0: no quota, on disk.
+    limit_disk_bytes: int = 1024 * MiB
     # "auto": a pids cgroup per child where the server may create one; "off": never.
     cgroups: str = "auto"
     # Isolation (SECURITY.md). "none": no network for user code; "host": the host's.
@@ -65,6 +71,8 @@ class Settings:
     require_isolation: bool = False
     # Sessions at scale: warm children, idle culling, replay buffers for reattaching.
     pool_size: int = 2
+    # The reserve grows up to this when requests find it empty, and shrinks back when idle.
+    pool_max: int = 8
     session_idle_s: float = 1800.0
     replay_buffer_bytes: int = 1 * MiB
     log_format: str = "text"
@@ -80,6 +88,14 @@ class Settings:
     # Python file run in every new namespace (replserver/startup.py).
     preload: tuple[str, ...] = ()
     startup: str = ""
+    # Snapshots (replserver/snapshots): where ("" = a directory under the state directory,
+    # a path, redis://..., or "off"), their size cap, their lifetime, how long a session is
+    # idle before it is saved against a crash (0 = never), and the HMAC key.
+    snapshot_store: str = ""
+    snapshot_max_bytes: int = 64 * MiB
+    snapshot_ttl_s: float = 7 * 24 * 3600.0
+    snapshot_idle_s: float = 120.0
+    snapshot_key: str = field(default="", repr=False)
     # Names this server in the X-Replica header and /health, so that a client or test
     # behind a load balancer sees which replica answered (the pod name on Kubernetes).
     replica_id: str = field(default_factory=socket.gethostname)
@@ -109,6 +125,7 @@ class Settings:
         return {name: value for name, value in limits.items() if value > 0}
 
     def __post_init__(self) -> None:
+        self._check_snapshots()
         if self.timeout_s <= 0 or self.max_timeout_s < self.timeout_s:
             raise ValueError("need 0 < REPL_TIMEOUT_S <= REPL_MAX_TIMEOUT_S")
         if self.network not in ("none", "host"):
@@ -135,6 +152,15 @@ class Settings:
             read_startup(self.startup)  # refuse to start with a file that cannot be used
         if not (self.replica_id.isascii() and self.replica_id.isprintable()):
             raise ValueError("REPL_REPLICA_ID must be printable ASCII (it is sent as a header)")
+
+    def _check_snapshots(self) -> None:
+        if self.snapshot_max_bytes < 1024 or self.snapshot_ttl_s <= 0:
+            raise ValueError("need REPL_SNAPSHOT_MAX_BYTES >= 1024 and REPL_SNAPSHOT_TTL_S > 0")
+        if self.snapshot_store.startswith("redis") and not self.snapshot_key:
+            raise ValueError(
+                "REPL_SNAPSHOT_KEY is required with a shared snapshot store: whoever can"
+                " write to the store must not be able to plant code in a session"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -193,6 +219,7 @@ ENV_VARS: dict[str, str] = {
     "environment": "ENVIRONMENT",
     "cors_origins": "CORS_ORIGINS",
     "max_body_bytes": "REPL_MAX_BODY_BYTES",
+    "max_upload_bytes": "REPL_MAX_UPLOAD_BYTES",
     "max_frame_bytes": "REPL_MAX_FRAME_BYTES",
     "stream_buffer_bytes": "REPL_STREAM_BUFFER_BYTES",
     "timeout_s": "REPL_TIMEOUT_S",
@@ -205,6 +232,7 @@ ENV_VARS: dict[str, str] = {
     "limit_file_bytes": "REPL_LIMIT_FILE_BYTES",
     "limit_open_files": "REPL_LIMIT_OPEN_FILES",
     "limit_processes": "REPL_LIMIT_PROCESSES",
+    "limit_disk_bytes": "REPL_LIMIT_DISK_BYTES",
     "cgroups": "REPL_CGROUPS",
     "network": "REPL_NETWORK",
     "uid_range": "REPL_UID_RANGE",
@@ -213,6 +241,7 @@ ENV_VARS: dict[str, str] = {
     "bubblewrap_path": "REPL_BUBBLEWRAP_PATH",
     "require_isolation": "REPL_REQUIRE_ISOLATION",
     "pool_size": "REPL_POOL_SIZE",
+    "pool_max": "REPL_POOL_MAX",
     "session_idle_s": "REPL_SESSION_IDLE_S",
     "replay_buffer_bytes": "REPL_REPLAY_BUFFER_BYTES",
     "log_format": "REPL_LOG_FORMAT",
@@ -226,4 +255,9 @@ ENV_VARS: dict[str, str] = {
     "replica_id": "REPL_REPLICA_ID",
     "preload": "REPL_PRELOAD",
     "startup": "REPL_STARTUP",
+    "snapshot_store": "REPL_SNAPSHOT_STORE",
+    "snapshot_max_bytes": "REPL_SNAPSHOT_MAX_BYTES",
+    "snapshot_ttl_s": "REPL_SNAPSHOT_TTL_S",
+    "snapshot_idle_s": "REPL_SNAPSHOT_IDLE_S",
+    "snapshot_key": "REPL_SNAPSHOT_KEY",
 }

@@ -27,6 +27,7 @@ from .execution import (
 )
 from .protocol import Done, InputRequest
 from .session import Run
+from .snapshots import restore_notice
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.25
@@ -205,7 +206,10 @@ async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.S
                     # No input request reaches /execute: its code gets EOFError from input().
         await body.write(output.feed(b"", final=True) + b'"')
         await _write_error(body, err, server_text(execution, output_limit))
-        rest = json.dumps({"result": result, "displays": displays, **completion_fields(run)})
+        fields = {"result": result, "displays": displays, **completion_fields(run)}
+        if run.restored is not None:
+            fields["restored"] = run.restored
+        rest = json.dumps(fields)
         await body.close(b", " + rest[1:].encode())
     except ConnectionError:
         pass  # the client went away; the execution ran on to its end or runs on unread
@@ -242,7 +246,8 @@ class EventRenderer:
         self._decoders = {T_STDOUT: _decoder(), T_STDERR: _decoder()}
 
     def opening(self) -> list[tuple[str, str]]:
-        """The events a fresh stream starts with: a restart notice, the execution's id."""
+        """The events a fresh stream starts with: a restart or restore notice, the
+        execution's id."""
         run, dumps = self._run, json.dumps
         events = []
         reason = run.restart_reason
@@ -251,6 +256,11 @@ class EventRenderer:
         elif reason is not None:
             notice = f"[the session was restarted ({reason}): earlier state is lost]\n"
             events.append((dumps({"type": "error", "content": notice}), "0"))
+        restored = run.restored
+        if restored is not None and self._rich:
+            events.append((dumps({"type": "restore", **restored}), "0"))
+        elif restored is not None and (lost := restore_notice(restored)) is not None:
+            events.append((dumps({"type": "error", "content": lost}), "0"))
         if self._rich:
             start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
             events.append((dumps(start), "0"))

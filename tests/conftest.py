@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,9 +21,23 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 def test_settings(**overrides: Any) -> Settings:
     """Settings for tests: defaults, not the environment of whoever runs pytest."""
-    values: dict[str, Any] = {"shutdown_grace_s": 1.0}
+    # Snapshots off unless a test asks: a default store would carry state between tests.
+    values: dict[str, Any] = {"shutdown_grace_s": 1.0, "snapshot_store": "off"}
     values.update(overrides)
     return Settings.from_env({}, **values)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default snapshot store lives under $XDG_STATE_HOME: for every server a test
+    starts, in this process or as `python -m replserver`, that is one of the test run's."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ async def start(
         REPL_PORT=str(port),
         REPL_LOG_LEVEL="warning",
         REPL_SHUTDOWN_GRACE_S="1",
+        REPL_SNAPSHOT_STORE="off",  # a test that wants snapshots names its store
     )
     clean.update(env)
     module = "replserver"

@@ -124,8 +124,9 @@ async def finished(page: Page, cell: int) -> str:
 @pytest.fixture
 def gate_dir() -> Iterator[Path]:
     """A directory the session can see: it runs as an unprivileged uid of its own (a root
-    server), to which pytest's private temporary directories are closed."""
-    path = Path(tempfile.mkdtemp(prefix="replserver-gate-", dir="/tmp"))
+    server), to which pytest's private temporary directories are closed, and with /tmp of
+    its own where the server may mount (SECURITY.md): so, in the checkout."""
+    path = Path(tempfile.mkdtemp(prefix=".gate-", dir=Path(__file__).resolve().parent))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)

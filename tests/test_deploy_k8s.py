@@ -163,9 +163,21 @@ def test_shutdown_fits_the_grace_period() -> None:
     grace_s = float(env_of(main)["REPL_SHUTDOWN_GRACE_S"]["value"])
     pre_stop = main["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    # The server's own bound: 2 x REPL_SHUTDOWN_GRACE_S + 1 s (see the Dockerfile).
-    needed = float(pre_stop[1]) + 2 * grace_s + 1
+    # The server's own bound: the sessions' saves (at most REPL_TIMEOUT_S, 30 s by default:
+    # replserver/snapshots/keeper.py), then 2 x REPL_SHUTDOWN_GRACE_S + 1 s (the Dockerfile).
+    save_s = float(env_of(main).get("REPL_TIMEOUT_S", {}).get("value", 30))
+    needed = float(pre_stop[1]) + save_s + 2 * grace_s + 1
     assert pod["terminationGracePeriodSeconds"] >= needed + 10, "keep a margin"
+
+
+def test_snapshots_come_from_the_secret_store_and_key_together() -> None:
+    env = env_of(container(one("Deployment")))
+    refs = [
+        env[name]["valueFrom"]["secretKeyRef"]
+        for name in ("REPL_SNAPSHOT_STORE", "REPL_SNAPSHOT_KEY")
+    ]
+    assert {ref["name"] for ref in refs} == {"replserver"}
+    assert [ref["key"] for ref in refs] == ["snapshot-store", "snapshot-key"]
 
 
 def test_body_limit_agrees_everywhere() -> None:

@@ -9,6 +9,7 @@ installs Debian's); skipped with the reason where it is missing. All traffic sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -26,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from . import servers
+from . import redisserver, servers
 from .conftest import parse_sse
 from .dockerfile import ROOT
 
@@ -86,6 +87,13 @@ class Cluster:
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
+    async with running_cluster() as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(**env: Any) -> AsyncIterator[Cluster]:
+    """Three replicas (with `env`) behind nginx on the shipped configuration."""
     nginx = find_nginx()
     if nginx is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx; .ci/run does)")
@@ -97,6 +105,7 @@ async def cluster() -> AsyncIterator[Cluster]:
             log=work / f"{rid}.log",
             REPL_REPLICA_ID=rid,
             REPL_MAX_SESSIONS="400",  # 200 sessions over three: no eviction in the way
+            **env,
         )
         for rid in REPLICA_IDS
     }
@@ -411,3 +420,50 @@ async def test_reattach_through_nginx_reaches_the_replica_that_runs_it(cluster: 
         key for line in lines if '"GET /executions/' in line for key in SESSION_KEY.findall(line)
     )
     assert keys == dict.fromkeys(sids, 2), keys
+
+
+async def test_a_stopped_replicas_sessions_continue_elsewhere_with_their_state(
+    tmp_path: Path,
+) -> None:
+    """With a shared Redis store, stopping a replica saves its sessions; each continues on
+    another replica with its variables, and the first reply there says `restored`."""
+    async with (
+        redisserver.running(tmp_path) as url,
+        running_cluster(REPL_SNAPSHOT_STORE=url, REPL_SNAPSHOT_KEY=secrets.token_hex(32)) as c,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+    ):
+        sids = [f"m{i:02d}-{secrets.token_hex(6)}" for i in range(60)]
+        tokens = {sid: secrets.token_hex(8) for sid in sids}
+
+        async def set_state(sid: str) -> str:
+            code = f"v = {tokens[sid]!r}\ndef shout():\n    return v.upper()"
+            _, replica = await post(http, f"{c.base}/execute/{sid}", code=code)
+            return replica
+
+        home = dict(zip(sids, await bounded(10, [set_state(s) for s in sids]), strict=True))
+        victim = "r3"
+        victims = [sid for sid in sids if home[sid] == victim]
+        assert len(victims) >= 5, Counter(home.values())
+        started = time.monotonic()
+        assert await c.replicas[victim].stop(timeout_s=30) == 0
+        stop_s = time.monotonic() - started
+
+        async def come_back(sid: str) -> tuple[dict[str, Any], str]:
+            return await post(http, f"{c.base}/execute/{sid}", code="print(shout())")
+
+        replies = await bounded(10, [come_back(sid) for sid in sids])
+        moved: Counter[str] = Counter()
+        for sid, (body, replica) in zip(sids, replies, strict=True):
+            assert body["output"] == f"{tokens[sid].upper()}\n", (sid, body)
+            if home[sid] == victim:
+                assert replica != victim
+                assert body["restored"]["reason"] == "moved", body
+                assert body["restored"]["skipped"] == {} and body["restarted"] is False
+                moved[replica] += 1
+            else:
+                assert replica == home[sid] and "restored" not in body, (sid, body)
+    print(
+        f"\nsnapshots through nginx: stopped {victim} holding {len(victims)} of {len(sids)}"
+        f" sessions in {stop_s:.2f} s (saves included); all continued with their state on"
+        f" {dict(moved)}, each reply saying restored/moved"
+    )

@@ -436,3 +436,20 @@ async def test_child_killed_by_signal_restarts(client: Client, code: str, mentio
         after = await execute(client, sid, "print('keep' in globals())")
     assert after["output"] == "False\n"
     assert after["restarted"] is True
+
+
+async def test_terminating_forked_workers_leaves_the_session_alive(client: Client) -> None:
+    # A pool's terminate() (the end of its with-block) SIGTERMs its forked workers; in a
+    # copy of the runner that signal must not take the session's process group with it.
+    code = (
+        "import multiprocessing\n"
+        "kept = 'yes'\n"
+        "for _ in range(4):\n"
+        "    with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+        "        total = sum(pool.map(abs, range(-5, 5)))\n"
+        "print(total)"
+    )
+    first = await execute(client, "pool", code)
+    assert (first["output"], first["reason"]) == ("25\n", "ok"), first
+    second = await execute(client, "pool", "print(kept)")
+    assert (second["output"], second["restarted"]) == ("yes\n", False), second

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import select
 import signal
 import struct
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 import runner_child
 from replchild import wire
+from replchild.output import Output
 from replserver import protocol
 from replserver.child import child_environment
 from replserver.settings import Settings
@@ -224,6 +226,12 @@ def finish_frame(return_code: int, reason: int, note: str, count: int) -> bytes:
         runner.out_r, runner.err_r, runner.proto_out = out_r, err_r, proto_w
         runner.count = count
         runner.lock = threading.Lock()
+        runner.lock_owner = 0
+        runner.executing = True
+        runner.main_thread = threading.get_ident()
+        runner.deferring = runner.interrupted = runner.running = False
+        runner.output = Output(proto_w)  # nothing is printed: the wake fd is never written
+        runner.pending_fds = select.poll()
         runner.usage = runner_child.Usage()
         runner.usage.start()
         runner.finish(return_code, reason, note)
