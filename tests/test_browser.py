@@ -3,7 +3,8 @@
 The real application serves on a real port; Playwright drives the browser: typing code
 into the CodeMirror editor, running it, watching output stream in, answering input(),
 stopping a loop, seeing an image, completing with Tab and inspecting with Shift+Tab from
-the session's live namespace. Skipped, with the reason, where Chromium or Playwright is
+the session's live namespace, uploading to the files panel by a drop and downloading from
+it. Skipped, with the reason, where Chromium or Playwright is
 missing (.ci/run installs Chromium, the dev extras Playwright; Playwright's own browsers
 are never used).
 """
@@ -409,3 +410,74 @@ async def test_shift_tab_inspects_the_name_at_the_cursor(page: Page, errors: lis
     await expect(tooltip).to_have_count(0)
     assert await editor_text(page) == "import json\njson.dumps("
     assert errors == []
+
+
+DROP_SCRIPT = """([name, text]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([text], name, { type: "text/plain" }));
+  const panel = document.querySelector("#files");
+  for (const type of ["dragenter", "dragover", "drop"]) {
+    const event = new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true });
+    panel.dispatchEvent(event);
+  }
+}"""
+
+
+async def test_files_panel_uploads_dropped_files_and_downloads(
+    page: Page, errors: list[str]
+) -> None:
+    listed = page.locator("#file-list a")
+    sizes = page.locator("#file-list .size")
+    await expect(page.locator("#files-empty")).to_be_visible()
+
+    # A file dropped on the panel is uploaded (PUT, the raw bytes) and listed.
+    async with page.expect_request(re.compile(r"/files/table\.csv$")) as sent:
+        await page.evaluate(DROP_SCRIPT, ["table.csv", "alpha,beta\n1,2\n"])
+    assert (await sent.value).method == "PUT"  # its body, a File, is not shown to Playwright
+    await expect(listed).to_have_text(["table.csv"])
+    await expect(sizes).to_have_text(["15 B"])
+    await expect(page.locator("#files-empty")).to_be_hidden()
+
+    # The session's code opens it; what the code writes is listed after the run.
+    cell = await run(
+        page,
+        "print(open('table.csv').read().split())\n"
+        "import os\nos.makedirs('out', exist_ok=True)\n"
+        "with open('out/result.txt', 'w') as f:\n    f.write('sum=3\\n')",
+    )
+    assert "✓" in await finished(page, cell)
+    stdout = page.locator(".cell").nth(cell).locator(".stdout")
+    await expect(stdout).to_have_text("['alpha,beta', '1,2']\n")
+    await expect(listed).to_have_text(["out/result.txt", "table.csv"])
+
+    # Its link downloads it, under its own name.
+    link = listed.filter(has_text="out/result.txt")
+    async with page.expect_download() as downloading:
+        await link.click()
+    download = await downloading.value
+    assert download.suggested_filename == "result.txt"
+    assert Path(await download.path()).read_bytes() == b"sum=3\n"
+
+    # With a token, the download goes through fetch() with the Authorization header.
+    await page.fill("#token", "s3cret")
+    fetched = re.compile(r"/files/out/result\.txt$")
+    async with page.expect_request(fetched) as asked, page.expect_download() as downloading:
+        await link.click()
+    assert (await asked.value).headers.get("authorization") == "Bearer s3cret"
+    assert Path(await (await downloading.value).path()).read_bytes() == b"sum=3\n"
+    await page.fill("#token", "")
+
+    # A refused upload shows the server's JSON detail.
+    session = await page.locator("#session-id").inner_text()
+    answer = await page.request.put(
+        f"{page.url}sessions/{session}/files/a%5Cb.txt", data=b"x", fail_on_status_code=False
+    )
+    assert answer.status == 400
+    detail = (await answer.json())["detail"]
+    await page.evaluate(DROP_SCRIPT, ["a\\b.txt", "x"])
+    failure = page.locator("#files-status .stderr")
+    await expect(failure).to_have_text(f"a\\b.txt: 400 {detail}")
+    await expect(listed).to_have_text(["out/result.txt", "table.csv"])
+    assert errors == [
+        "Failed to load resource: the server responded with a status of 400 (Bad Request)"
+    ]

@@ -1,7 +1,7 @@
 // The built-in web REPL page: runs code through /execute-stream and renders its events as
 // they arrive (fetch + ReadableStream; EventSource cannot POST), completes and inspects
-// through /complete and /inspect. The editor is CodeMirror 6, bundled in editor.js
-// (window.ReplEditor; built from page/ by `make page`).
+// through /complete and /inspect, and shows the session's files. The editor is
+// CodeMirror 6, bundled in editor.js (window.ReplEditor; built from page/ by `make page`).
 "use strict";
 
 (() => {
@@ -13,12 +13,18 @@
   const resetButton = $("reset");
   const tokenField = $("token");
   const statusLine = $("status");
+  const fileList = $("file-list");
+  const filesPanel = $("files");
+  const filesStatus = $("files-status");
 
   const TOKEN_KEY = "replserver.token";
   const sessionId = newSessionId();
   const history = [];
   let historyIndex = 0;
   let running = false;
+  // The session exists on the server once something ran or was uploaded; before that its
+  // file listing is a 404, and there is nothing to list.
+  let started = false;
 
   $("session-id").textContent = sessionId;
   tokenField.value = localStorage.getItem(TOKEN_KEY) || "";
@@ -234,6 +240,7 @@
     if (history[history.length - 1] !== source) history.push(source);
     historyIndex = history.length;
     editor.setCode("");
+    started = true;
     const cell = newCell(source);
     const outputs = cell.querySelector(".outputs");
     setRunning(true);
@@ -251,6 +258,7 @@
       for (const form of outputs.querySelectorAll(".input-request")) form.remove();
       setRunning(false);
       editor.focus();
+      refreshFiles();
     }
   }
 
@@ -274,6 +282,7 @@
     simple("reset", () => {
       transcript.append(element("div", "notice", "Namespace reset: a fresh interpreter."));
       scrollDown();
+      refreshFiles();
     }),
   );
 
@@ -297,4 +306,128 @@
   if (/Mac|iPhone|iPad/u.test(navigator.platform)) {
     for (const key of document.querySelectorAll("#keys .mod")) key.textContent = "⌘";
   }
+
+  // --- the session's files -----------------------------------------------------------------
+  function fileUrl(path) {
+    const base = `sessions/${encodeURIComponent(sessionId)}/files`;
+    if (path === undefined) return base;
+    return `${base}/${path.split("/").map(encodeURIComponent).join("/")}`;
+  }
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let value = bytes / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+  }
+
+  async function download(event, path) {
+    // A plain link cannot carry the token: with one, fetch the bytes and save them.
+    const headers = authorization();
+    if (!headers.Authorization) return;
+    event.preventDefault();
+    try {
+      const response = await fetch(fileUrl(path), { headers });
+      if (!response.ok) throw new Error(await failure(response));
+      const url = URL.createObjectURL(await response.blob());
+      const link = element("a");
+      link.href = url;
+      link.download = path.split("/").pop();
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (error) {
+      showFilesError(`${path}: ${error.message}`);
+    }
+  }
+
+  function renderFiles(files, truncated) {
+    const items = files.map((file) => {
+      const link = element("a", "file", file.path);
+      link.href = fileUrl(file.path);
+      link.download = file.path.split("/").pop();
+      link.title = `Download ${file.path} (modified ${file.modified})`;
+      link.addEventListener("click", (event) => download(event, file.path));
+      const item = element("li");
+      item.append(link, element("span", "size", formatSize(file.size)));
+      return item;
+    });
+    if (truncated) items.push(element("li", "hint", "… and more: the listing stops here."));
+    fileList.replaceChildren(...items);
+    $("files-empty").hidden = files.length > 0;
+  }
+
+  function showFilesError(message, kind = "failed") {
+    filesStatus.append(element("div", `stderr ${kind}`, message));
+  }
+
+  let listing = 0;
+  async function refreshFiles() {
+    if (!started) return;
+    const mine = ++listing; // listings can overlap: only the latest one is shown
+    try {
+      const response = await fetch(fileUrl(), { headers: authorization() });
+      if (!response.ok) throw new Error(await failure(response));
+      const { files, truncated } = await response.json();
+      if (mine !== listing) return;
+      renderFiles(files, truncated);
+      for (const stale of filesStatus.querySelectorAll(".listing")) stale.remove();
+    } catch (error) {
+      if (mine === listing) showFilesError(`Listing the files: ${error.message}`, "listing");
+    }
+  }
+
+  async function upload(files) {
+    filesStatus.replaceChildren();
+    for (const file of files) {
+      const note = element("div", "uploading", `Uploading ${file.name}…`);
+      filesStatus.append(note);
+      try {
+        // The raw bytes are the body; the server writes them to the session's directory.
+        const response = await fetch(fileUrl(file.name), {
+          method: "PUT",
+          headers: authorization(),
+          body: file,
+        });
+        if (!response.ok) throw new Error(await failure(response));
+        started = true;
+        note.remove();
+      } catch (error) {
+        note.remove();
+        showFilesError(`${file.name}: ${error.message}`);
+      }
+      await refreshFiles();
+    }
+  }
+
+  const carriesFiles = (event) => event.dataTransfer?.types.includes("Files");
+  filesPanel.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    filesPanel.classList.add("dropping");
+  });
+  filesPanel.addEventListener("dragleave", (event) => {
+    if (!filesPanel.contains(event.relatedTarget)) filesPanel.classList.remove("dropping");
+  });
+  filesPanel.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    filesPanel.classList.remove("dropping");
+    upload([...event.dataTransfer.files]);
+  });
+  // A file dropped anywhere else would make the browser leave the page to show it.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => {
+      if (carriesFiles(event) && !filesPanel.contains(event.target)) event.preventDefault();
+    });
+  }
+  $("file-input").addEventListener("change", (event) => {
+    upload([...event.target.files]);
+    event.target.value = "";
+  });
 })();
