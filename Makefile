@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run dev test check lint format type-check pytest bench clean
+.PHONY: run dev test check lint format type-check pytest bench clean page
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ type-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+# The page's editor bundle (replserver/static/editor.js and its licences), from the npm
+# registry through page/package-lock.json; its output is committed, so installing and
+# running the server need no Node.
+page:
+	cd page && npm ci --no-audit --no-fund && node build.mjs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -244,6 +244,8 @@ STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "editor.js": "text/javascript; charset=utf-8",
+    "editor.LICENSES.txt": "text/plain; charset=utf-8",
 }
 # Everything the page shows comes from its own origin; HTML displays render in a sandboxed
 # frame without scripts; images come as data: URLs.

@@ -1,9 +1,12 @@
 """The web REPL page in a real headless Chromium (the system's: /usr/bin/chromium).
 
-The real application serves on a real port; Playwright drives the browser: typing code,
-running it, watching output stream in, answering input(), stopping a loop, seeing an
-image. Skipped, with the reason, where Chromium or Playwright is missing (.ci/run
-installs Chromium, the dev extras Playwright; Playwright's own browsers are never used).
+The real application serves on a real port; Playwright drives the browser: typing code
+into the CodeMirror editor, running it, watching output stream in, answering input(),
+stopping a loop, seeing an image, completing with Tab and inspecting with Shift+Tab from
+the session's live namespace, uploading to the files panel by a drop and downloading from
+it. Skipped, with the reason, where Chromium or Playwright is
+missing (.ci/run installs Chromium, the dev extras Playwright; Playwright's own browsers
+are never used).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from . import conftest
 from .test_repl import PNG_CLASS
 
 if TYPE_CHECKING:
-    from playwright.async_api import Page, Response
+    from playwright.async_api import Page, Request, Response
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -83,11 +86,31 @@ async def page(aiohttp_server: MakeServer, errors: list[str]) -> AsyncIterator[P
             await browser.close()
 
 
+EDITOR = "#code .cm-content"  # CodeMirror's contenteditable: what a user types into
+
+
+async def set_code(page: Page, code: str) -> None:
+    """Replace the editor's text with `code` (inserted as a paste is: no auto-indent),
+    caret at the end."""
+    await page.press(EDITOR, "Control+a")
+    await page.keyboard.press("Backspace")
+    await page.keyboard.insert_text(code)
+    await page.keyboard.press("Control+End")
+
+
+async def editor_text(page: Page) -> str:
+    """The editor's text, line by line (its placeholder is not text)."""
+    lines = await page.locator(f"{EDITOR} .cm-line").evaluate_all(
+        "lines => lines.map(l => l.querySelector('.cm-placeholder') ? '' : l.textContent)"
+    )
+    return "\n".join(lines)
+
+
 async def run(page: Page, code: str) -> int:
     """Put `code` in the editor and press Ctrl+Enter; the index of its cell."""
     cells = await page.locator(".cell").count()
-    await page.fill("#code", code)
-    await page.press("#code", "Control+Enter")
+    await set_code(page, code)
+    await page.press(EDITOR, "Control+Enter")
     await expect(page.locator(".cell")).to_have_count(cells + 1)
     return cells
 
@@ -115,13 +138,16 @@ async def test_page_end_to_end(page: Page, errors: list[str], gate_dir: Path) ->
     await expect(page.locator("#session-id")).to_have_text(re.compile(r"^[0-9a-f-]{32,36}$"))
     cells = page.locator(".cell")
 
-    # Typed code runs on Ctrl+Enter; its output streams in while it still runs.
+    # Typed code runs on Ctrl+Enter; its output streams in while it still runs. (Enter
+    # after the colon indents the next line, Backspace takes one level back.)
     gate = gate_dir / "gate"
-    await page.locator("#code").press_sequentially(
+    await page.locator(EDITOR).press_sequentially(
         f"import os, time\nprint('first', flush=True)\nwhile not os.path.exists({str(gate)!r}):"
-        "\n    time.sleep(0.01)\nprint('second')"
+        "\ntime.sleep(0.01)\n"
     )
-    await page.press("#code", "Control+Enter")
+    await page.keyboard.press("Backspace")
+    await page.keyboard.type("print('second')")
+    await page.press(EDITOR, "Control+Enter")
     stdout = cells.nth(0).locator(".stdout")
     await expect(stdout).to_have_text("first\n")
     await expect(page.locator("#status")).to_have_text("running…")
@@ -130,7 +156,8 @@ async def test_page_end_to_end(page: Page, errors: list[str], gate_dir: Path) ->
     gate.touch()
     await expect(stdout).to_have_text("first\nsecond\n")
     assert "✓" in await finished(page, 0)
-    await expect(page.locator("#code")).to_have_value("")
+    await expect(page.locator(f"{EDITOR} .cm-placeholder")).to_be_visible()  # empty again
+    assert await editor_text(page) == ""
 
     # A result, and stderr in another colour than stdout.
     cell = await run(page, "import sys\nprint('out')\nprint('oops', file=sys.stderr)\n6 * 7")
@@ -252,3 +279,205 @@ async def test_event_source_reads_an_execution_and_stops_after_its_end(page: Pag
         while len(statuses) < 2:
             await asyncio.sleep(0.05)
     assert statuses == [(200, None), (204, final_id)], statuses
+
+
+async def test_editor_highlights_python_and_lists_its_keys(page: Page, errors: list[str]) -> None:
+    await set_code(page, "import os\ndef area(r):\n    return 'pi'  # circle\n")
+    # The editor marks tokens with highlighter classes, and the page colours them.
+    await expect(page.locator(f"{EDITOR} .tok-keyword").first).to_have_text("import")
+    await expect(page.locator(f"{EDITOR} .tok-string")).to_have_text("'pi'")
+    await expect(page.locator(f"{EDITOR} .tok-comment")).to_have_text("# circle")
+    colours = await page.evaluate(
+        """() => ['.tok-keyword', '.tok-string', '.cm-line'].map(
+             s => getComputedStyle(document.querySelector('#code ' + s)).color)"""
+    )
+    assert len(set(colours)) == 3, colours
+    # The transcript shows code that ran highlighted the same way.
+    cell = await run(page, "import os\nos.sep")
+    await finished(page, cell)
+    source = page.locator(".cell").nth(cell).locator(".source")
+    await expect(source.locator(".tok-keyword")).to_have_text("import")
+    await expect(source).to_have_text("import os\nos.sep")
+
+    # The page lists its keys where they can be seen.
+    keys = page.locator("#keys")
+    await expect(keys).to_be_visible()
+    text = " ".join((await keys.inner_text()).split())
+    for key in ("Ctrl+Enter run", "Tab complete", "Shift+Tab inspect", "Esc close"):
+        assert key in text, text
+    # The bundle runs under the page's Content-Security-Policy: no violation, no error.
+    assert errors == []
+
+
+async def test_tab_completes_from_the_session(page: Page, errors: list[str]) -> None:
+    asked: list[object] = []
+
+    def note(request: Request) -> None:
+        if "/complete/" in request.url:
+            asked.append(request.post_data_json)
+
+    page.on("request", note)
+    cell = await run(page, "zebra_quux = 1\ninventory_total = 2\ninventory_items = [3]")
+    await finished(page, cell)
+
+    # One match: inserted at once.
+    await set_code(page, "zebra_q")
+    await page.press(EDITOR, "Tab")
+    await expect(page.locator(EDITOR)).to_have_text("zebra_quux")
+    listbox = page.locator(".cm-tooltip-autocomplete li")
+    await expect(listbox).to_have_count(0)
+
+    # Several: a list; arrow keys and Enter pick one.
+    await set_code(page, "print(inventory_")
+    await page.press(EDITOR, "Tab")
+    await expect(listbox).to_have_count(2)
+    assert sorted(await listbox.all_inner_texts()) == ["inventory_items", "inventory_total"]
+    second = (await listbox.all_inner_texts())[1]
+    await page.keyboard.press("ArrowDown")
+    await page.keyboard.press("Enter")
+    await expect(page.locator(EDITOR)).to_have_text(f"print({second}")
+    await expect(listbox).to_have_count(0)
+
+    # A click picks too; Escape closes the list and leaves the code as it was.
+    await set_code(page, "inventory_")
+    await page.press(EDITOR, "Tab")
+    await listbox.filter(has_text="inventory_total").click()
+    await expect(page.locator(EDITOR)).to_have_text("inventory_total")
+    await set_code(page, "inventory_")
+    await page.press(EDITOR, "Tab")
+    await expect(listbox).to_have_count(2)
+    await page.keyboard.press("Escape")
+    await expect(listbox).to_have_count(0)
+    assert await editor_text(page) == "inventory_"
+
+    # The cursor goes to the server in characters, not the editor's UTF-16 units.
+    code = 'face = "😀😀"\nface.upp'
+    assert len(code.encode("utf-16-le")) // 2 == len(code) + 2
+    await set_code(page, code)
+    await page.press(EDITOR, "Tab")
+    await expect(page.locator(f"{EDITOR} .cm-line").nth(1)).to_have_text("face.upper")
+    assert asked[-1] == {"code": code, "cursor": len(code)}, asked[-1]
+
+    # With only whitespace before the cursor, Tab indents and asks nothing.
+    before = len(asked)
+    await set_code(page, "if True:\n")
+    await page.press(EDITOR, "Tab")
+    await page.keyboard.type("pass")
+    assert await editor_text(page) == "if True:\n    pass"
+    await set_code(page, "x = 1")
+    await page.press(EDITOR, "Home")
+    await page.press(EDITOR, "Tab")
+    assert await editor_text(page) == "    x = 1"
+    assert len(asked) == before
+
+    # While code runs the session answers 409 at once; the page shows its detail.
+    cell = await run(page, "while True:\n    pass")
+    await expect(page.locator("#stop")).to_be_enabled()
+    await set_code(page, "zebra_q")
+    async with page.expect_response(re.compile(r"/complete/")) as refused:
+        await page.press(EDITOR, "Tab")
+    detail = (await (await refused.value).json())["detail"]
+    assert (await refused.value).status == 409
+    failed = page.locator(".cm-tooltip.cm-inspection.failed")
+    await expect(failed).to_have_text(f"409 {detail}")
+    await page.click("#stop")
+    assert "interrupted" in await finished(page, cell)
+    assert errors == [
+        "Failed to load resource: the server responded with a status of 409 (Conflict)"
+    ]
+
+
+async def test_shift_tab_inspects_the_name_at_the_cursor(page: Page, errors: list[str]) -> None:
+    cell = await run(
+        page,
+        'def area(r: float) -> float:\n    """Area of a circle."""\n    return 3.14159 * r * r',
+    )
+    await finished(page, cell)
+    tooltip = page.locator(".cm-tooltip.cm-inspection")
+
+    await set_code(page, "area(2")
+    await page.press(EDITOR, "Shift+Tab")
+    await expect(tooltip).to_contain_text("area(r: float) -> float")
+    await expect(tooltip).to_contain_text("Area of a circle.")
+    await page.keyboard.press("Escape")
+    await expect(tooltip).to_have_count(0)
+
+    # Typing dismisses it too; an imported function's docstring is there as well.
+    await set_code(page, "import json\njson.dumps")
+    await page.press(EDITOR, "Shift+Tab")
+    await expect(tooltip).to_contain_text("Serialize ``obj`` to a JSON formatted ``str``")
+    await page.keyboard.type("(")
+    await expect(tooltip).to_have_count(0)
+    assert await editor_text(page) == "import json\njson.dumps("
+    assert errors == []
+
+
+DROP_SCRIPT = """([name, text]) => {
+  const data = new DataTransfer();
+  data.items.add(new File([text], name, { type: "text/plain" }));
+  const panel = document.querySelector("#files");
+  for (const type of ["dragenter", "dragover", "drop"]) {
+    const event = new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true });
+    panel.dispatchEvent(event);
+  }
+}"""
+
+
+async def test_files_panel_uploads_dropped_files_and_downloads(
+    page: Page, errors: list[str]
+) -> None:
+    listed = page.locator("#file-list a")
+    sizes = page.locator("#file-list .size")
+    await expect(page.locator("#files-empty")).to_be_visible()
+
+    # A file dropped on the panel is uploaded (PUT, the raw bytes) and listed.
+    async with page.expect_request(re.compile(r"/files/table\.csv$")) as sent:
+        await page.evaluate(DROP_SCRIPT, ["table.csv", "alpha,beta\n1,2\n"])
+    assert (await sent.value).method == "PUT"  # its body, a File, is not shown to Playwright
+    await expect(listed).to_have_text(["table.csv"])
+    await expect(sizes).to_have_text(["15 B"])
+    await expect(page.locator("#files-empty")).to_be_hidden()
+
+    # The session's code opens it; what the code writes is listed after the run.
+    cell = await run(
+        page,
+        "print(open('table.csv').read().split())\n"
+        "import os\nos.makedirs('out', exist_ok=True)\n"
+        "with open('out/result.txt', 'w') as f:\n    f.write('sum=3\\n')",
+    )
+    assert "✓" in await finished(page, cell)
+    stdout = page.locator(".cell").nth(cell).locator(".stdout")
+    await expect(stdout).to_have_text("['alpha,beta', '1,2']\n")
+    await expect(listed).to_have_text(["out/result.txt", "table.csv"])
+
+    # Its link downloads it, under its own name.
+    link = listed.filter(has_text="out/result.txt")
+    async with page.expect_download() as downloading:
+        await link.click()
+    download = await downloading.value
+    assert download.suggested_filename == "result.txt"
+    assert Path(await download.path()).read_bytes() == b"sum=3\n"
+
+    # With a token, the download goes through fetch() with the Authorization header.
+    await page.fill("#token", "s3cret")
+    fetched = re.compile(r"/files/out/result\.txt$")
+    async with page.expect_request(fetched) as asked, page.expect_download() as downloading:
+        await link.click()
+    assert (await asked.value).headers.get("authorization") == "Bearer s3cret"
+    assert Path(await (await downloading.value).path()).read_bytes() == b"sum=3\n"
+    await page.fill("#token", "")
+
+    # A refused upload shows the server's JSON detail.
+    session = await page.locator("#session-id").inner_text()
+    answer = await page.request.put(
+        f"{page.url}sessions/{session}/files/a%5Cb.txt", data=b"x", fail_on_status_code=False
+    )
+    assert answer.status == 400
+    detail = (await answer.json())["detail"]
+    await page.evaluate(DROP_SCRIPT, ["a\\b.txt", "x"])
+    failure = page.locator("#files-status .stderr")
+    await expect(failure).to_have_text(f"a\\b.txt: 400 {detail}")
+    await expect(listed).to_have_text(["out/result.txt", "table.csv"])
+    assert errors == [
+        "Failed to load resource: the server responded with a status of 400 (Bad Request)"
+    ]

@@ -113,7 +113,7 @@ async def test_pip_install_and_dockerfile_cmd(installed_python: Path, tmp_path: 
             assert completed["matches"][:1] == ["json"], completed
             # The web REPL page and its files are package data.
             pages = []
-            for path in ("/", "/static/app.js", "/static/style.css"):
+            for path in ("/", "/static/app.js", "/static/editor.js", "/static/style.css"):
                 async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
                     pages.append((resp.status, len(await resp.read())))
         assert extras["result"] == "42" and extras["displays"] == [{"text/plain": "42"}], extras

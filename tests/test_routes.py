@@ -355,9 +355,14 @@ async def test_page_is_served_at_the_root(client: Client) -> None:
     assets = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert sorted(a for a in assets if not a.startswith("data:")) == [
         "static/app.js",
+        "static/editor.js",
         "static/style.css",
     ]
-    types = {"static/app.js": "text/javascript", "static/style.css": "text/css"}
+    types = {
+        "static/app.js": "text/javascript",
+        "static/editor.js": "text/javascript",
+        "static/style.css": "text/css",
+    }
     for asset, content_type in types.items():
         served = await client.get(f"/{asset}")
         assert served.status == 200 and served.content_type == content_type

@@ -1,23 +1,30 @@
 // The built-in web REPL page: runs code through /execute-stream and renders its events as
-// they arrive (fetch + ReadableStream; EventSource cannot POST). No dependencies.
+// they arrive (fetch + ReadableStream; EventSource cannot POST), completes and inspects
+// through /complete and /inspect, and shows the session's files. The editor is
+// CodeMirror 6, bundled in editor.js (window.ReplEditor; built from page/ by `make page`).
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const transcript = $("transcript");
-  const editor = $("editor");
-  const code = $("code");
+  const editorForm = $("editor");
   const runButton = $("run");
   const stopButton = $("stop");
   const resetButton = $("reset");
   const tokenField = $("token");
   const statusLine = $("status");
+  const fileList = $("file-list");
+  const filesPanel = $("files");
+  const filesStatus = $("files-status");
 
   const TOKEN_KEY = "replserver.token";
   const sessionId = newSessionId();
   const history = [];
   let historyIndex = 0;
   let running = false;
+  // The session exists on the server once something ran or was uploaded; before that its
+  // file listing is a 404, and there is nothing to list.
+  let started = false;
 
   $("session-id").textContent = sessionId;
   tokenField.value = localStorage.getItem(TOKEN_KEY) || "";
@@ -34,11 +41,14 @@
   }
 
   // --- talking to the server -------------------------------------------------------------
-  function post(route, body) {
-    const headers = {};
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+  function authorization() {
     const token = tokenField.value.trim();
-    if (token) headers["Authorization"] = `Bearer ${token}`;
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  function post(route, body) {
+    const headers = authorization();
+    if (body !== undefined) headers["Content-Type"] = "application/json";
     return fetch(`${route}/${encodeURIComponent(sessionId)}`, {
       method: "POST",
       headers,
@@ -54,6 +64,13 @@
       // not JSON: keep the status text
     }
     return `${response.status} ${detail}`;
+  }
+
+  async function ask(route, code, cursor) {
+    // /complete and /inspect: their JSON, or an Error with the server's detail.
+    const response = await post(route, { code, cursor });
+    if (!response.ok) throw new Error(await failure(response));
+    return response.json();
   }
 
   async function readEvents(response, onEvent) {
@@ -92,7 +109,9 @@
   function newCell(source) {
     const cell = element("section", "cell");
     const outputs = element("div", "outputs");
-    cell.append(element("pre", "source", source), outputs);
+    const code = element("pre", "source");
+    window.ReplEditor.highlight(source, code);
+    cell.append(code, outputs);
     transcript.append(cell);
     scrollDown();
     return cell;
@@ -216,11 +235,12 @@
   }
 
   async function run() {
-    const source = code.value;
+    const source = editor.getCode();
     if (running || !source.trim()) return;
     if (history[history.length - 1] !== source) history.push(source);
     historyIndex = history.length;
-    code.value = "";
+    editor.setCode("");
+    started = true;
     const cell = newCell(source);
     const outputs = cell.querySelector(".outputs");
     setRunning(true);
@@ -237,7 +257,8 @@
     } finally {
       for (const form of outputs.querySelectorAll(".input-request")) form.remove();
       setRunning(false);
-      code.focus();
+      editor.focus();
+      refreshFiles();
     }
   }
 
@@ -252,7 +273,7 @@
     }
   }
 
-  editor.addEventListener("submit", (event) => {
+  editorForm.addEventListener("submit", (event) => {
     event.preventDefault();
     run();
   });
@@ -261,27 +282,152 @@
     simple("reset", () => {
       transcript.append(element("div", "notice", "Namespace reset: a fresh interpreter."));
       scrollDown();
+      refreshFiles();
     }),
   );
 
-  code.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-      event.preventDefault();
-      run();
-    } else if (event.key === "Tab" && !event.shiftKey && !event.ctrlKey && !event.metaKey) {
-      event.preventDefault();
-      code.setRangeText("    ", code.selectionStart, code.selectionEnd, "end");
-    } else if (event.key === "ArrowUp" || event.key === "ArrowDown") {
-      // History when the caret is on the first (up) or last (down) line.
-      const before = code.value.slice(0, code.selectionStart);
-      const after = code.value.slice(code.selectionEnd);
-      const up = event.key === "ArrowUp";
-      if (up ? before.includes("\n") : after.includes("\n")) return;
-      const next = historyIndex + (up ? -1 : 1);
-      if (next < 0 || next > history.length) return;
-      event.preventDefault();
-      historyIndex = next;
-      code.value = history[next] ?? "";
+  // --- the editor ------------------------------------------------------------------------
+  function historyEntry(step) {
+    const next = historyIndex + step;
+    if (next < 0 || next > history.length) return null;
+    historyIndex = next;
+    return history[next] ?? "";
+  }
+
+  const editor = window.ReplEditor.create({
+    parent: $("code"),
+    placeholder: "print('hello')",
+    onRun: run,
+    onHistory: historyEntry,
+    complete: (code, cursor) => ask("complete", code, cursor),
+    inspect: (code, cursor) => ask("inspect", code, cursor),
+  });
+  editor.focus();
+  if (/Mac|iPhone|iPad/u.test(navigator.platform)) {
+    for (const key of document.querySelectorAll("#keys .mod")) key.textContent = "⌘";
+  }
+
+  // --- the session's files -----------------------------------------------------------------
+  function fileUrl(path) {
+    const base = `sessions/${encodeURIComponent(sessionId)}/files`;
+    if (path === undefined) return base;
+    return `${base}/${path.split("/").map(encodeURIComponent).join("/")}`;
+  }
+
+  function formatSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let value = bytes / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
     }
+    return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+  }
+
+  async function download(event, path) {
+    // A plain link cannot carry the token: with one, fetch the bytes and save them.
+    const headers = authorization();
+    if (!headers.Authorization) return;
+    event.preventDefault();
+    try {
+      const response = await fetch(fileUrl(path), { headers });
+      if (!response.ok) throw new Error(await failure(response));
+      const url = URL.createObjectURL(await response.blob());
+      const link = element("a");
+      link.href = url;
+      link.download = path.split("/").pop();
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (error) {
+      showFilesError(`${path}: ${error.message}`);
+    }
+  }
+
+  function renderFiles(files, truncated) {
+    const items = files.map((file) => {
+      const link = element("a", "file", file.path);
+      link.href = fileUrl(file.path);
+      link.download = file.path.split("/").pop();
+      link.title = `Download ${file.path} (modified ${file.modified})`;
+      link.addEventListener("click", (event) => download(event, file.path));
+      const item = element("li");
+      item.append(link, element("span", "size", formatSize(file.size)));
+      return item;
+    });
+    if (truncated) items.push(element("li", "hint", "… and more: the listing stops here."));
+    fileList.replaceChildren(...items);
+    $("files-empty").hidden = files.length > 0;
+  }
+
+  function showFilesError(message, kind = "failed") {
+    filesStatus.append(element("div", `stderr ${kind}`, message));
+  }
+
+  let listing = 0;
+  async function refreshFiles() {
+    if (!started) return;
+    const mine = ++listing; // listings can overlap: only the latest one is shown
+    try {
+      const response = await fetch(fileUrl(), { headers: authorization() });
+      if (!response.ok) throw new Error(await failure(response));
+      const { files, truncated } = await response.json();
+      if (mine !== listing) return;
+      renderFiles(files, truncated);
+      for (const stale of filesStatus.querySelectorAll(".listing")) stale.remove();
+    } catch (error) {
+      if (mine === listing) showFilesError(`Listing the files: ${error.message}`, "listing");
+    }
+  }
+
+  async function upload(files) {
+    filesStatus.replaceChildren();
+    for (const file of files) {
+      const note = element("div", "uploading", `Uploading ${file.name}…`);
+      filesStatus.append(note);
+      try {
+        // The raw bytes are the body; the server writes them to the session's directory.
+        const response = await fetch(fileUrl(file.name), {
+          method: "PUT",
+          headers: authorization(),
+          body: file,
+        });
+        if (!response.ok) throw new Error(await failure(response));
+        started = true;
+        note.remove();
+      } catch (error) {
+        note.remove();
+        showFilesError(`${file.name}: ${error.message}`);
+      }
+      await refreshFiles();
+    }
+  }
+
+  const carriesFiles = (event) => event.dataTransfer?.types.includes("Files");
+  filesPanel.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    filesPanel.classList.add("dropping");
+  });
+  filesPanel.addEventListener("dragleave", (event) => {
+    if (!filesPanel.contains(event.relatedTarget)) filesPanel.classList.remove("dropping");
+  });
+  filesPanel.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    filesPanel.classList.remove("dropping");
+    upload([...event.dataTransfer.files]);
+  });
+  // A file dropped anywhere else would make the browser leave the page to show it.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => {
+      if (carriesFiles(event) && !filesPanel.contains(event.target)) event.preventDefault();
+    });
+  }
+  $("file-input").addEventListener("change", (event) => {
+    upload([...event.target.files]);
+    event.target.value = "";
   });
 })();
