@@ -106,6 +106,9 @@ async def nobody_target() -> AsyncIterator[Target]:
         CANARY_NAME: CANARY,
         "REPL_LOG_LEVEL": "warning",
         "PYTHONPATH": str(REPO_ROOT),
+        # As tests/servers.py starts servers: no snapshot saves at shutdown, a short ladder.
+        "REPL_SNAPSHOT_STORE": "off",
+        "REPL_SHUTDOWN_GRACE_S": "1",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -140,7 +143,7 @@ async def nobody_target() -> AsyncIterator[Target]:
     finally:
         await http.close()
         os.killpg(proc.pid, signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 10)
+        await asyncio.wait_for(proc.wait(), 30)  # a bound on a busy machine, not a wait
 
 
 def _as_nobody() -> None:
