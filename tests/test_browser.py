@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,27 +120,18 @@ async def finished(page: Page, cell: int) -> str:
     return await footer.inner_text()
 
 
-@pytest.fixture
-def gate_dir() -> Iterator[Path]:
-    """A directory the session can see: it runs as an unprivileged uid of its own (a root
-    server), to which pytest's private temporary directories are closed, and with /tmp of
-    its own where the server may mount (SECURITY.md): so, in the checkout."""
-    path = Path(tempfile.mkdtemp(prefix=".gate-", dir=Path(__file__).resolve().parent))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def test_page_end_to_end(page: Page, errors: list[str], gate_dir: Path) -> None:
+async def test_page_end_to_end(page: Page, errors: list[str]) -> None:
     started = time.monotonic()
     await expect(page.locator("#session-id")).to_have_text(re.compile(r"^[0-9a-f-]{32,36}$"))
+    sid = await page.locator("#session-id").inner_text()
     cells = page.locator(".cell")
 
     # Typed code runs on Ctrl+Enter; its output streams in while it still runs. (Enter
-    # after the colon indents the next line, Backspace takes one level back.)
-    gate = gate_dir / "gate"
+    # after the colon indents the next line, Backspace takes one level back.) The code
+    # waits for a file that the test puts in its directory (the only place, with the
+    # session's own uid and /tmp, that both can see) through the files API.
     await page.locator(EDITOR).press_sequentially(
-        f"import os, time\nprint('first', flush=True)\nwhile not os.path.exists({str(gate)!r}):"
+        "import os, time\nprint('first', flush=True)\nwhile not os.path.exists('gate'):"
         "\ntime.sleep(0.01)\n"
     )
     await page.keyboard.press("Backspace")
@@ -153,7 +142,8 @@ async def test_page_end_to_end(page: Page, errors: list[str], gate_dir: Path) ->
     await expect(page.locator("#status")).to_have_text("running…")
     await expect(page.locator("#stop")).to_be_enabled()
     assert "second" not in await stdout.inner_text()  # the code is still waiting
-    gate.touch()
+    opened = await page.request.put(page.url.rstrip("/") + f"/sessions/{sid}/files/gate", data=b"")
+    assert opened.status == 201, await opened.text()
     await expect(stdout).to_have_text("first\nsecond\n")
     assert "✓" in await finished(page, 0)
     await expect(page.locator(f"{EDITOR} .cm-placeholder")).to_be_visible()  # empty again
