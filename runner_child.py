@@ -197,13 +197,20 @@ class Runner:
         sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)  # as Python's
         # sys.__stdout__ and friends are what code restores after redirecting: make them ours.
         sys.__dict__.update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
+        self.std_targets = [
+            (fd, target, _identity(target))
+            for fd, target in ((0, self.null_r), (1, self.out_w), (2, self.err_w))
+        ]
 
     def _restore_std_fds(self) -> None:
         """Undo what user code did to fds 0/1/2 and sys.std* (closed them, say): exit()
         closes sys.stdin, and input() must still fail with EOFError afterwards."""
-        for fd, target in ((0, self.null_r), (1, self.out_w), (2, self.err_w)):
+        # One fstat per descriptor against identities taken at start-up (sameopenfile would
+        # stat both sides each time): the targets are ours and never change.
+        for fd, target, identity in self.std_targets:
             try:
-                same = os.path.sameopenfile(fd, target)
+                st = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == identity
             except OSError:
                 same = False
             if not same:
@@ -726,6 +733,12 @@ def _strip_runner_frames(
         te.stack = stack_summary.from_list([f for f in te.stack if f.filename not in RUNNER_FILES])
         pending.extend(x for x in (te.__cause__, te.__context__) if x is not None)
         pending.extend(getattr(te, "exceptions", None) or ())
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """What makes an open file the same file: its device and inode."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def apply_limits(spec: str) -> None:

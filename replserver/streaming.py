@@ -152,6 +152,7 @@ class ReplyWriter:
         self._resp = resp
         self._pending: list[bytes] = []
         self._size = 0
+        self.response: web.StreamResponse = resp  # what the handler returns
 
     async def write(self, data: bytes) -> None:
         self._pending.append(data)
@@ -163,13 +164,17 @@ class ReplyWriter:
             await self._resp.write(b"".join(pending))
 
     async def close(self, data: bytes) -> None:
-        """Send what is pending, then `data`, and end the body."""
+        """Send what is pending, then `data`, and end the body (see `response`)."""
         rest = b"".join((*self._pending, data))
         self._pending, self._size = [], 0
-        if not self._resp.prepared:
-            self._resp.content_length = len(rest)
-            await self._resp.prepare(self._request)
-        await self._resp.write_eof(rest)
+        resp = self._resp
+        if not resp.prepared:
+            # A whole reply leaves as a Response, whose headers go out in the same send as
+            # its body; a StreamResponse sends its headers as soon as it is prepared, which
+            # costs a second send and, for the client, a second segment to wait for.
+            self.response = web.Response(body=rest, status=resp.status, headers=resp.headers)
+            return
+        await resp.write_eof(rest)
 
 
 async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.StreamResponse:
@@ -215,7 +220,7 @@ async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.S
         pass  # the client went away; the execution ran on to its end or runs on unread
     finally:
         execution.release_initial()
-    return resp
+    return body.response
 
 
 async def _write_error(body: ReplyWriter, err: deque[bytes], notes: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Any
 
@@ -453,3 +454,16 @@ async def test_terminating_forked_workers_leaves_the_session_alive(client: Clien
     assert (first["output"], first["reason"]) == ("25\n", "ok"), first
     second = await execute(client, "pool", "print(kept)")
     assert (second["output"], second["restarted"]) == ("yes\n", False), second
+
+
+async def test_small_reply_leaves_whole_with_its_headers(client: Client) -> None:
+    # A reply under REPLY_FLUSH_BYTES is sent as one Response (headers and body in one
+    # send): it keeps the headers the streamed reply had, and a Content-Length.
+    resp = await client.post("/execute/whole", json={"code": "print('hi')"})
+    raw = await resp.read()
+    headers, data = resp.headers, json.loads(raw)
+    assert resp.status == 200 and data["output"] == "hi\n"
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
+    assert headers["Content-Length"] == str(len(raw))
+    assert headers["X-Execution-Id"] == data["executionId"]
+    assert "X-Replica" in headers
