@@ -273,6 +273,9 @@ export function create(options) {
         autocompletion({
           override: [completionSource],
           activateOnTyping: false,
+          // The list opens only on an explicit Tab, so a key pressed right after it (Enter,
+          // an arrow) is meant for it: CodeMirror's default 75 ms guard would drop it.
+          interactionDelay: 0,
           icons: false,
           maxRenderedOptions: 200,
         }),
