@@ -561,10 +561,6 @@ class Runner:
                 os.close(fd)
             except OSError:
                 pass
-        # The runner's SIGTERM means "the server is gone: kill the session's group"; in a
-        # copy (a multiprocessing worker that its pool terminates) it must mean what it
-        # means to any process, or terminating a worker would kill the whole session.
-        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
 
     def on_sigint(self, signum: int, frame: object) -> None:
         # Between executions an interrupt (a timeout racing the completion) has nothing to
@@ -842,7 +838,23 @@ def forget_our_modules() -> None:
         del sys.modules[name]
 
 
+def on_sigterm(signum: int, frame: object) -> None:
+    """The runner's SIGTERM: the server is gone, end the session's whole group. In a forked
+    copy (a multiprocessing worker that its pool terminates) it ends that copy alone, as
+    SIGTERM does. Checked here rather than by resetting the handler after a fork: a
+    SIGTERM caught between the fork and that reset would be dropped by the interpreter."""
+    if os.getpid() != RUNNER_PID[0]:
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGTERM)
+        return
+    Runner.server_gone()
+
+
+RUNNER_PID = [0]  # the runner's own pid, set by main()
+
+
 def main() -> None:
+    RUNNER_PID[0] = os.getpid()
     forget_our_modules()
     # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
     # subprocesses of user code never inherit them.
@@ -858,7 +870,7 @@ def main() -> None:
     _signal.signal(_signal.SIGINT, runner.on_sigint)
     # SIGTERM comes from the server's shutdown ladder or, as the parent-death signal, from
     # the kernel when the server dies: either way, end everything this session started.
-    _signal.signal(_signal.SIGTERM, lambda signum, frame: runner.server_gone())
+    _signal.signal(_signal.SIGTERM, on_sigterm)
     _thread.start_new_thread(runner.forwarder, ())
     try:
         runner.serve()
