@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -33,6 +34,16 @@ def pid_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+async def wait_gone(pids: list[int], within_s: float = 5.0) -> list[int]:
+    """Poll until every pid is gone or `within_s` seconds pass; the pids still alive."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [pid for pid in pids if not pid_gone(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.05)
 
 
 class Replica:

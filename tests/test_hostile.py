@@ -290,7 +290,9 @@ async def test_done_with_no_execution_running(guarded: Client) -> None:
     )
     reply = await post(guarded, sid, code)
     assert reply["reason"] == "ok"
-    assert await gone([pid]) == [], "the child that sent a completion out of turn lives on"
+    assert await servers.wait_gone([pid]) == [], (
+        "the child that sent a completion out of turn lives on"
+    )
     after = await post(guarded, sid, "print(globals().get('marker', 'fresh'))")
     assert after["output"] == "fresh\n" and after["restarted"] is True
 
@@ -400,24 +402,6 @@ print(os.read(r, 100).decode(), flush=True)
 """
 
 
-async def gone(pids: list[int], within_s: float = 5.0) -> list[int]:
-    """The pids still running after polling up to `within_s` for them to end."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [pid for pid in pids if pid_alive(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        await asyncio.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 async def test_descendant_holding_the_pipes_does_not_delay_the_end(guarded: Client) -> None:
     """The issue's case: os._exit(0) while a setsid grandchild keeps every pipe open."""
     reply = await attack(
@@ -426,7 +410,7 @@ async def test_descendant_holding_the_pipes_does_not_delay_the_end(guarded: Clie
     descendant = int(reply["output"].split()[0])
     if guarded.app[ISOLATION].cgroups is None:
         pytest.skip("no pids cgroup here: a setsid descendant outlives the session's group")
-    assert await gone([descendant]) == [], "the descendant outlived its session"
+    assert await servers.wait_gone([descendant]) == [], "the descendant outlived its session"
 
 
 async def test_descendant_holding_the_pipes_while_the_child_runs_on(guarded: Client) -> None:
@@ -435,7 +419,7 @@ async def test_descendant_holding_the_pipes_while_the_child_runs_on(guarded: Cli
     first = await post(guarded, sid, DESCENDANT + "marker = 'kept'")
     assert first["reason"] == "ok"
     descendant = int(first["output"].split()[0])
-    assert pid_alive(descendant)
+    assert not servers.pid_gone(descendant)
     for _ in range(3):
         again = await post(guarded, sid, "print(marker)")
         assert again["output"] == "kept\n" and again["reason"] == "ok"
@@ -443,7 +427,7 @@ async def test_descendant_holding_the_pipes_while_the_child_runs_on(guarded: Cli
     assert (await guarded.post(f"/reset/{sid}")).status == 200
     if guarded.app[ISOLATION].cgroups is None:
         pytest.skip("no pids cgroup here: a setsid descendant outlives the session's group")
-    assert await gone([descendant]) == []
+    assert await servers.wait_gone([descendant]) == []
 
 
 # --- the last line of defence ----------------------------------------------------------------
@@ -502,6 +486,8 @@ async def test_the_issue_cases_against_python_m_replserver() -> None:
                 cgroups = (await resp.json())["isolation"]["pidsCgroup"]
             if not cgroups:
                 pytest.skip("no pids cgroup here: a setsid descendant outlives the session")
-            assert await gone([descendant]) == [], "the descendant outlived its session"
+            assert await servers.wait_gone([descendant]) == [], (
+                "the descendant outlived its session"
+            )
     finally:
         await replica.kill()

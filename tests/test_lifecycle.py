@@ -8,7 +8,6 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,35 +22,9 @@ SPAWN_PIDS = (
 )
 
 
-def pid_gone(pid: int) -> bool:
-    """True if no such process runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state in ("Z", "X")
-
-
-async def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
-    """Poll until every pid is gone or `within` seconds pass; the pids still alive."""
-    deadline = time.monotonic() + within
-    while True:
-        alive = [pid for pid in pids if not pid_gone(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        await asyncio.sleep(0.05)
-
-
 def kill_leftovers(pids: list[int]) -> None:
     for pid in pids:
-        if not pid_gone(pid):
+        if not servers.pid_gone(pid):
             with suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -71,7 +44,7 @@ class Server:
     async def session_pids(self, sid: str) -> tuple[int, int]:
         body = await self.execute(sid, SPAWN_PIDS)
         child, grandchild = (int(x) for x in body["output"].split())
-        assert not pid_gone(child) and not pid_gone(grandchild)
+        assert not servers.pid_gone(child) and not servers.pid_gone(grandchild)
         return child, grandchild
 
 
@@ -97,7 +70,7 @@ async def test_sigkill_of_server_ends_children_and_grandchildren() -> None:
             server.proc.kill()  # SIGKILL: no cleanup code of the server runs
             async with asyncio.timeout(5):
                 await server.proc.wait()
-            alive = await wait_gone(pids)
+            alive = await servers.wait_gone(pids)
             assert alive == [], f"still running after the server was killed: {alive}"
     finally:
         kill_leftovers(pids)
@@ -115,7 +88,7 @@ async def test_sigkill_of_server_ends_busy_child() -> None:
             async with asyncio.timeout(5):
                 await server.proc.wait()
             resp.close()
-            alive = await wait_gone(pids)
+            alive = await servers.wait_gone(pids)
             assert alive == [], f"still running after the server was killed: {alive}"
     finally:
         kill_leftovers(pids)
@@ -140,7 +113,7 @@ async def test_sigterm_shuts_down_gracefully() -> None:
             resp.close()
             assert elapsed < 5
             assert server.proc.returncode == 0
-            alive = await wait_gone(pids)
+            alive = await servers.wait_gone(pids)
             assert alive == [], f"still running after the server stopped: {alive}"
     finally:
         kill_leftovers(pids)
@@ -153,10 +126,10 @@ async def test_app_cleanup_ends_children(make_client: MakeClient) -> None:
         for sid in ("a", "b"):
             body = await execute(client, sid, SPAWN_PIDS)
             pids += [int(x) for x in body["output"].split()]
-        assert all(not pid_gone(pid) for pid in pids)
+        assert all(not servers.pid_gone(pid) for pid in pids)
         async with asyncio.timeout(10):
             await client.close()
-        alive = await wait_gone(pids)
+        alive = await servers.wait_gone(pids)
         assert alive == [], f"still running after app cleanup: {alive}"
     finally:
         kill_leftovers(pids)
@@ -171,7 +144,7 @@ async def test_reset_ends_grandchildren(make_client: MakeClient) -> None:
         async with asyncio.timeout(10):
             resp = await client.post("/reset/reset")
         assert resp.status == 200
-        alive = await wait_gone(pids)
+        alive = await servers.wait_gone(pids)
         assert alive == [], f"still running after reset: {alive}"
         after = await execute(client, "reset", "import os\nprint(os.getpid())")
         assert int(after["output"]) not in pids

@@ -54,24 +54,6 @@ async def assert_all_well(client: Client, sid: str, *, survived: bool) -> None:
     assert after["restarted"] is not survived
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-async def still_alive(pids: list[int], within_s: float = 5.0) -> list[int]:
-    """The pids still running after waiting up to `within_s` for them to end."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [pid for pid in pids if pid_alive(pid)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        await asyncio.sleep(0.05)
-
-
 async def test_infinite_loop_times_out_and_keeps_namespace(guarded: Client) -> None:
     await execute(guarded, "loop", "marker = 'kept'")
     started = time.monotonic()
@@ -313,9 +295,9 @@ async def test_rlimits_are_in_place(guarded: Client) -> None:
 async def test_reset_kills_the_whole_process_group(guarded: Client) -> None:
     code = "import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid)"
     pid = int((await execute(guarded, "grp", code))["output"])
-    assert pid_alive(pid)
+    assert not servers.pid_gone(pid)
     assert (await guarded.post("/reset/grp")).status == 200
-    assert not await still_alive([pid])
+    assert not await servers.wait_gone([pid])
 
 
 async def test_reset_kills_what_escaped_the_group_through_the_cgroup(guarded: Client) -> None:
@@ -323,10 +305,10 @@ async def test_reset_kills_what_escaped_the_group_through_the_cgroup(guarded: Cl
         pytest.skip("no pids cgroup here: a setsid descendant is out of the server's reach")
     code = "import subprocess\nq = subprocess.Popen(['setsid', 'sleep', '60'])\nprint(q.pid)"
     pid = int((await execute(guarded, "esc", code))["output"])
-    assert pid_alive(pid)
+    assert not servers.pid_gone(pid)
     assert (await guarded.post("/reset/esc")).status == 200
     # Escaped its process group with setsid, but not its cgroup.
-    assert not await still_alive([pid])
+    assert not await servers.wait_gone([pid])
 
 
 async def test_fork_bomb_is_bounded_by_the_pids_cgroup(make_client: MakeClient) -> None:
