@@ -853,13 +853,15 @@ def on_sigterm(signum: int, frame: object) -> None:
 RUNNER_PID = [0]  # the runner's own pid, set by main()
 
 
-def main() -> None:
+def main(usage: Usage | None = None) -> None:
+    """Serve the session on fds 0 and 1. `usage`: made already (by the fork server, before
+    this process took its uid); else made here, while its /proc/self files are ours."""
     RUNNER_PID[0] = os.getpid()
     forget_our_modules()
+    usage = usage or Usage()
+    make_undumpable()
     # Move the protocol pipes above the user's fds; os.dup gives close-on-exec copies, so
     # subprocesses of user code never inherit them.
-    usage = Usage()  # opens /proc/self files while they are still ours to open
-    make_undumpable()
     proto_in, proto_out = os.dup(0), os.dup(1)
     max_frame = int(os.environ.pop("REPL_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME))
     max_result = int(os.environ.pop("REPL_MAX_RESULT_CHARS", DEFAULT_MAX_RESULT))

@@ -11,9 +11,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
+from replchild.forkserver import CHILD_FDS
+
 from . import protocol
 from .errors import ChildStartError, ProtocolError
 from .execution import Execution, Failure
+from .forkserver import ForkedProcess, ForkServer
 from .isolation import Isolation, Lease
 from .sandbox import Confinement, make_preexec
 from .settings import Settings
@@ -29,6 +32,8 @@ DRAIN_BYTES = 4 * 1024 * 1024
 PIPE_LOST_GRACE_S = 0.2
 FATAL_TEXT_BYTES = 1000  # of a FATAL frame's text, quoted in the error message
 
+# The output pipes' descriptors in a forked child, as the fork server lays them out.
+CHILD_OUTPUT_FDS = CHILD_FDS[2:]
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -120,15 +125,8 @@ class ChildProcess:
     @classmethod
     async def spawn(cls, settings: Settings, *, isolation: Isolation | None = None) -> ChildProcess:
         """Start a child under its share of the isolation layers; wait until it is ready."""
-        loop = asyncio.get_running_loop()
         lease = isolation.lease() if isolation is not None else None
         child = cls(settings, isolation, lease)
-        confinement = lease.confinement if lease is not None else Confinement()
-        python = isolation.python if isolation is not None else settings.python
-        if isolation is not None:
-            argv = isolation.command(lease)
-        else:
-            argv = [python, "-I", settings.runner_path]
         home = str(lease.workdir) if lease is not None else "/tmp"
         pipes: list[int] = []
         try:
@@ -147,18 +145,7 @@ class ChildProcess:
         # this coroutine resumes, and its exit drains these.
         child._leftover_fds = (out_r, err_r)
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: _ChildProtocol(child),
-                *argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None,  # start-up failures land in the server's log
-                env=child_environment(settings, fds, home, python),
-                cwd=home,
-                pass_fds=fds,
-                start_new_session=True,  # own process group: killpg reaches grandchildren
-                preexec_fn=make_preexec(confinement),
-            )
+            transport = await child._start(home, fds)
         except (OSError, subprocess.SubprocessError) as exc:
             child._leftover_fds = ()
             os.close(out_r)
@@ -193,6 +180,85 @@ class ChildProcess:
             await child.end(0)
             raise ChildStartError(f"the Python process {describe_exit(code)} while starting")
         return child
+
+    async def _start(self, home: str, output_fds: tuple[int, ...]) -> asyncio.SubprocessTransport:
+        """Fork this child from the fork server, or start it by exec where there is none."""
+        isolation, lease = self._isolation, self._lease
+        python = isolation.python if isolation is not None else self._settings.python
+        if isolation is None:
+            argv = [python, "-I", self._settings.runner_path]
+            return await self._exec(argv, Confinement(), home, python, output_fds)
+        # Its environment is what a child's is before the child's own is set.
+        forks = await isolation.fork_server(child_environment(self._settings, python=python))
+        if forks is not None:
+            return await self._fork(forks, lease, home, python, output_fds)
+        confinement = lease.confinement if lease is not None else Confinement()
+        return await self._exec(isolation.command(lease), confinement, home, python, output_fds)
+
+    async def _exec(
+        self,
+        argv: list[str],
+        confinement: Confinement,
+        home: str,
+        python: str,
+        output_fds: tuple[int, ...],
+    ) -> asyncio.SubprocessTransport:
+        """Start this child as a new interpreter (Popen confines it between fork and exec)."""
+        transport, _ = await asyncio.get_running_loop().subprocess_exec(
+            lambda: _ChildProtocol(self),
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # start-up failures land in the server's log
+            env=child_environment(self._settings, output_fds, home, python),
+            cwd=home,
+            pass_fds=output_fds,
+            start_new_session=True,  # own process group: killpg reaches grandchildren
+            preexec_fn=make_preexec(confinement),
+        )
+        return transport
+
+    async def _fork(
+        self,
+        forks: ForkServer,
+        lease: Lease | None,
+        home: str,
+        python: str,
+        output_fds: tuple[int, ...],
+    ) -> asyncio.SubprocessTransport:
+        """Have the fork server fork this child; its transport (ChildProcess pipes)."""
+        confinement = lease.confinement if lease is not None else Confinement()
+        request = {
+            "env": child_environment(self._settings, CHILD_OUTPUT_FDS, home, python),
+            "cwd": home,
+            "confine": {
+                "uid": confinement.uid,
+                "gid": confinement.gid,
+                "new_netns": confinement.new_netns,
+                "seccomp": confinement.seccomp,
+                "mounts": confinement.mounts,
+                "cwd": confinement.cwd,
+            },
+        }
+        request_r, request_w = os.pipe()
+        try:
+            protocol_r, protocol_w = os.pipe()
+        except OSError:
+            os.close(request_r)
+            os.close(request_w)
+            raise
+        try:
+            pid, pidfd = await forks.fork(request, (request_r, protocol_w, *output_fds))
+        except BaseException:
+            os.close(request_w)
+            os.close(protocol_r)
+            raise
+        finally:
+            os.close(request_r)
+            os.close(protocol_w)
+        return await ForkedProcess.connect(
+            _ChildProtocol(self), pid, pidfd, forks.exit_status(pid), request_w, protocol_r
+        )
 
     def _attach(self, transport: asyncio.SubprocessTransport) -> None:
         self._transport = transport
@@ -393,6 +459,8 @@ class ChildProcess:
 
     def _has_exited(self) -> bool:
         """Whether the process has ended, looked at without reaping it (WNOWAIT)."""
+        if isinstance(self._transport, ForkedProcess):  # not ours to wait for
+            return self._transport.has_exited()
         try:
             flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
             return os.waitid(os.P_PID, self.pid, flags) is not None

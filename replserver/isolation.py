@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import replchild
+from replchild.confine import make_undumpable
 
 from .cgroup import CgroupTree, ChildCgroup
 from .errors import ChildStartError
-from .sandbox import Confinement, make_undumpable
-from .seccomp import BWRAP_NEEDS, SockFprog, compile_filter
+from .forkserver import ForkServer
+from .sandbox import Confinement
+from .seccomp import BWRAP_NEEDS, SockFprog, compile_filter, filter_bytes
 from .sessionfs import SessionFilesystems, SessionFs, enter_own_mount_namespace, remove_owned
 from .settings import Settings
 
@@ -115,6 +117,7 @@ class Isolation:
         # without it, seccomp alone keeps the network out, and temporary directories are
         # shared (see notes).
         self.has_seccomp = self._seccomp is not None
+        self._seccomp_program = filter_bytes(self._seccomp) if self._seccomp else None
         self.may_mount = self.root and has_capability(CAP_SYS_ADMIN)
         self.netns = self.may_mount and settings.network == "none"
         # A security module (Docker's default AppArmor profile) may refuse mounts even so.
@@ -134,6 +137,9 @@ class Isolation:
         self.python = settings.python
         self.runner_dir = self.work_base / "runner"
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
+        self._forks: ForkServer | None = None
+        self._forks_lock = asyncio.Lock()
+        self._forks_failed = not hasattr(os, "pidfd_open")
         try:
             self.fs = SessionFilesystems(
                 self.work_base,
@@ -181,6 +187,36 @@ class Isolation:
                     "fs.protected_symlinks is 0 on this host: a symlink one session plants in"
                     " a shared temporary directory can redirect another's writes (set it to 1)"
                 )
+
+    async def fork_server(self, env: dict[str, str]) -> ForkServer | None:
+        """The fork server for children of the current interpreter, started with `env` if
+        need be; None where children start by exec (bubblewrap, REPL_FORK_SERVER=0, or a
+        fork server that cannot start here)."""
+        if self.bwrap is not None or not self._settings.fork_server or self._forks_failed:
+            return None
+        async with self._forks_lock:
+            forks = self._forks
+            if forks is not None and forks.alive and forks.python == self.python:
+                return forks
+            self._forks = None
+            if forks is not None:
+                # An interpreter the probe found unusable, or a fork server that died:
+                # whatever children it still has go with it.
+                await forks.close()
+            forks = ForkServer(
+                self.python,
+                str(self.runner_dir),
+                env=env,
+                cwd=str(self.work_base),
+            )
+            try:
+                await forks.start()
+            except OSError as exc:
+                log.warning("no fork server (children start by exec): %s", exc)
+                self._forks_failed = True
+                return None
+            self._forks = forks
+            return forks
 
     def fall_back_to_base_python(self) -> bool:
         """The children's uid cannot run the configured interpreter (a virtual environment
@@ -239,7 +275,7 @@ class Isolation:
             uid=uid,
             gid=uid,
             new_netns=self.netns,
-            seccomp=self._seccomp,
+            seccomp=self._seccomp_program,
             mounts=fs.mounts,
             cwd=str(fs.workdir) if fs.mounts else "",
         )
@@ -336,6 +372,9 @@ class Isolation:
         self._free_uids.insert(0, uid)  # reused last: least recently used first
 
     async def close(self) -> None:
+        forks, self._forks = self._forks, None
+        if forks is not None:
+            await forks.close()
         for uid in list(self._uid_locks):
             self._give_back_uid(uid)
         if self.cgroups is not None:

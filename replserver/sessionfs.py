@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sandbox import (
+from replchild.confine import (
     CLONE_NEWNS,
     MS_BIND,
     MS_PRIVATE,

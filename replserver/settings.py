@@ -67,6 +67,9 @@ class Settings:
     # Run each child under bubblewrap (read-only root, private /tmp) where bwrap exists.
     bubblewrap: bool = False
     bubblewrap_path: str = "bwrap"
+    # Fork new children from a fork server that has imported the runner (a new session
+    # costs a fork, not an interpreter start); off: every child is a fresh interpreter.
+    fork_server: bool = True
     # Refuse to start when a configured isolation layer cannot be put in place.
     require_isolation: bool = False
     # Sessions at scale: warm children, idle culling, replay buffers for reattaching.
@@ -239,6 +242,7 @@ ENV_VARS: dict[str, str] = {
     "work_dir": "REPL_WORK_DIR",
     "bubblewrap": "REPL_BUBBLEWRAP",
     "bubblewrap_path": "REPL_BUBBLEWRAP_PATH",
+    "fork_server": "REPL_FORK_SERVER",
     "require_isolation": "REPL_REQUIRE_ISOLATION",
     "pool_size": "REPL_POOL_SIZE",
     "pool_max": "REPL_POOL_MAX",
