@@ -56,6 +56,7 @@ def serve(run: Callable[[Usage], None], usage: Callable[[], Usage]) -> None:
     make_undumpable()  # a child of the server's uid may not ptrace its way into the next ones
     gc.freeze()  # what is here now is shared with every child: the collector leaves it be
     sock = _socket.socket(fileno=control)
+    _send(sock, {"ready": os.getpid()})
     poller = select.poll()
     poller.register(control, select.POLLIN)
     children: dict[int, int] = {}  # pidfd -> pid

@@ -83,8 +83,26 @@ class ForkServer:
         finally:
             theirs.close()
         ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                hello = await loop.sock_recv(ours, REPLY_BYTES)
+            if not hello:
+                code = await self._process.wait()
+                raise ForkServerError(f"the fork server exited with code {code} at start-up")
+            if marshal.loads(hello) != {"ready": self._process.pid}:
+                raise ForkServerError(f"the fork server began with {hello[:100]!r}")
+        except BaseException as exc:
+            ours.close()
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+            if isinstance(exc, TimeoutError):
+                message = f"the fork server did not start within {START_TIMEOUT_S} s"
+                raise ForkServerError(message) from None
+            raise
         self._sock = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+        loop.add_reader(ours.fileno(), self._on_readable)
 
     async def fork(self, request: dict[str, Any], fds: Iterable[int]) -> tuple[int, int]:
         """(pid, pidfd) of a new child given `fds`; the pidfd is ours to close."""

@@ -139,7 +139,8 @@ class Isolation:
         self.runner_path = install_runner(settings.runner_path, self.runner_dir)
         self._forks: ForkServer | None = None
         self._forks_lock = asyncio.Lock()
-        self._forks_failed = not hasattr(os, "pidfd_open")
+        # A forked child is watched through a pidfd (Linux 5.3 and later).
+        self._pidfds = pidfds_work()
         try:
             self.fs = SessionFilesystems(
                 self.work_base,
@@ -192,7 +193,11 @@ class Isolation:
         """The fork server for children of the current interpreter, started with `env` if
         need be; None where children start by exec (bubblewrap, REPL_FORK_SERVER=0, or a
         fork server that cannot start here)."""
-        if self.bwrap is not None or not self._settings.fork_server or self._forks_failed:
+        if self.bwrap is not None or not self._settings.fork_server or not self._pidfds:
+            return None
+        if self.separate_uids and closed_to_others(self.python):
+            # A forked child would start, then fail to import anything as its uid; exec
+            # fails at once with PermissionError, which the probe knows how to answer.
             return None
         async with self._forks_lock:
             forks = self._forks
@@ -209,12 +214,7 @@ class Isolation:
                 env=env,
                 cwd=str(self.work_base),
             )
-            try:
-                await forks.start()
-            except OSError as exc:
-                log.warning("no fork server (children start by exec): %s", exc)
-                self._forks_failed = True
-                return None
+            await forks.start()  # OSError: the child's start fails and says why
             self._forks = forks
             return forks
 
@@ -427,6 +427,26 @@ def hidden_part(path: str) -> str:
         if not mode & stat.S_IXOTH:
             return str(part)
     return ""
+
+
+def pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def closed_to_others(path: str) -> bool:
+    """Whether an unprivileged user with no groups cannot reach `path`, by the way it is
+    given (a venv's interpreter under /root links to a readable one) or where it leads."""
+    for part in Path(os.path.abspath(path)).parents:
+        try:
+            if not part.stat().st_mode & stat.S_IXOTH:
+                return True
+        except OSError:
+            return True
+    return bool(hidden_part(path))
 
 
 def unreachable_interpreter(python: str) -> str:

@@ -31,19 +31,25 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 def live_children() -> set[int]:
-    """Pids of this process's children that have not exited (zombies excluded)."""
-    me, found = os.getpid(), set()
+    """Pids of the session children of this process that have not exited (zombies
+    excluded): its own children, or its fork server's."""
+    parents: dict[int, int] = {}
+    servers = {os.getpid()}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            # (A forked child keeps its fork server's command line.)
+            forks = b"forkserver" in (entry / "cmdline").read_bytes()
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z":
-            found.add(int(entry.name))
-    return found
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+            if forks and int(fields[1]) == os.getpid():
+                servers.add(int(entry.name))
+    return {pid for pid, ppid in parents.items() if ppid in servers} - servers
 
 
 def alive(pid: int) -> bool:
