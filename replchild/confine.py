@@ -109,8 +109,10 @@ class Confiner:
         seccomp: bytes | None,
         mounts: tuple[tuple[str, str, int], ...],
         cwd: str,
+        parent: int,
     ) -> None:
-        self.uid, self.gid, self.cwd = uid, gid, cwd
+        """`parent`: the pid of the process that forks the one to confine."""
+        self.uid, self.gid, self.cwd, self.parent = uid, gid, cwd, parent
         self._program = ctypes.create_string_buffer(seccomp or b"", len(seccomp or b""))
         self._fprog = SockFprog(
             len(seccomp or b"") // SOCK_FILTER_BYTES, ctypes.addressof(self._program)
@@ -149,6 +151,9 @@ class Confiner:
         # After the uid change, which clears it: the parent's death (even by SIGKILL) is
         # signalled with SIGTERM, on which the child kills its whole process group.
         _prctl(PR_SET_PDEATHSIG, _signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != self.parent:
+            # The parent died before the line above: nobody would ever signal this one.
+            raise OSError(f"the parent process {self.parent} ended while this one started")
         # Orphans of user code (a shell's background job, a stopped fork loop) are
         # re-parented to the child, which reaps them, instead of to a PID 1 that may not.
         _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

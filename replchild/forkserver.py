@@ -60,6 +60,7 @@ def serve(run: Callable[[Usage], None], usage: Callable[[], Usage]) -> None:
     poller = select.poll()
     poller.register(control, select.POLLIN)
     children: dict[int, int] = {}  # pidfd -> pid
+    me = os.getpid()
     while True:
         for fd, _ in poller.poll():
             if fd != control:
@@ -70,7 +71,7 @@ def serve(run: Callable[[Usage], None], usage: Callable[[], Usage]) -> None:
                 return  # the server closed its end
             pid = _fork(sock, request, fds)
             if pid == 0:
-                run(_become_session(sock, children, request, fds, usage))
+                run(_become_session(sock, children, request, fds, usage, me))
                 return
             if pid > 0:
                 pidfd = os.pidfd_open(pid)
@@ -136,6 +137,7 @@ def _become_session(
     request: dict[str, object],
     fds: list[int],
     usage: Callable[[], Usage],
+    forker: int,
 ) -> Usage:
     """In the forked child: take the descriptors, confine this process, set its environment;
     its Usage, made while its /proc files are still its own to open."""
@@ -151,7 +153,7 @@ def _become_session(
         os.closerange(FIRST_FREE_FD, os.sysconf("SC_OPEN_MAX"))
         made = usage()
         os.chdir(str(request["cwd"]))
-        Confiner(**request["confine"])()  # type: ignore[arg-type]
+        Confiner(**request["confine"], parent=forker)()  # type: ignore[arg-type]
         os.environ.clear()
         os.environ.update(request["env"])  # type: ignore[call-overload]
     except BaseException as exc:  # noqa: BLE001  # never back into the fork server's loop

@@ -16,7 +16,7 @@ from replchild.forkserver import CHILD_FDS
 from . import protocol
 from .errors import ChildStartError, ProtocolError
 from .execution import Execution, Failure
-from .forkserver import ForkedProcess, ForkServer
+from .forkserver import ForkedProcess, ForkServer, ForkServerGone
 from .isolation import Isolation, Lease
 from .sandbox import Confinement, make_preexec
 from .settings import Settings
@@ -106,6 +106,7 @@ class ChildProcess:
         self._ending = False  # end() has begun: it closes the request pipe itself
         self._queries: deque[asyncio.Future[bytes]] = deque()  # awaiting answers, oldest first
         self.startup: StartupReport | None = None  # what its preloads and startup code did
+        self._forks: ForkServer | None = None  # the fork server that forked it, if one did
         # Takes the frames of a snapshot being saved or restored (replserver/snapshots).
         self.snapshot_sink: Callable[[int, bytes], None] | None = None
 
@@ -125,6 +126,14 @@ class ChildProcess:
     @classmethod
     async def spawn(cls, settings: Settings, *, isolation: Isolation | None = None) -> ChildProcess:
         """Start a child under its share of the isolation layers; wait until it is ready."""
+        try:
+            return await cls._spawn(settings, isolation)
+        except _ForkServerDied:
+            # It took the child with it (a killed fork server): once more, from a new one.
+            return await cls._spawn(settings, isolation)
+
+    @classmethod
+    async def _spawn(cls, settings: Settings, isolation: Isolation | None) -> ChildProcess:
         lease = isolation.lease() if isolation is not None else None
         child = cls(settings, isolation, lease)
         home = str(lease.workdir) if lease is not None else "/tmp"
@@ -178,7 +187,10 @@ class ChildProcess:
         if not child._ready.done():
             code = child._gone.result()
             await child.end(0)
-            raise ChildStartError(f"the Python process {describe_exit(code)} while starting")
+            message = f"the Python process {describe_exit(code)} while starting"
+            if child._forks is not None and not child._forks.alive:
+                raise _ForkServerDied(message + " (its fork server ended)")
+            raise ChildStartError(message)
         return child
 
     async def _start(self, home: str, output_fds: tuple[int, ...]) -> asyncio.SubprocessTransport:
@@ -189,9 +201,15 @@ class ChildProcess:
             argv = [python, "-I", self._settings.runner_path]
             return await self._exec(argv, Confinement(), home, python, output_fds)
         # Its environment is what a child's is before the child's own is set.
-        forks = await isolation.fork_server(child_environment(self._settings, python=python))
+        env = child_environment(self._settings, python=python)
+        forks = await isolation.fork_server(env)
         if forks is not None:
-            return await self._fork(forks, lease, home, python, output_fds)
+            try:
+                return await self._fork(forks, lease, home, python, output_fds)
+            except ForkServerGone:
+                forks = await isolation.fork_server(env)  # a new one, once
+                if forks is not None:
+                    return await self._fork(forks, lease, home, python, output_fds)
         confinement = lease.confinement if lease is not None else Confinement()
         return await self._exec(isolation.command(lease), confinement, home, python, output_fds)
 
@@ -247,6 +265,7 @@ class ChildProcess:
             os.close(request_r)
             os.close(request_w)
             raise
+        self._forks = forks
         try:
             pid, pidfd = await forks.fork(request, (request_r, protocol_w, *output_fds))
         except BaseException:
@@ -616,6 +635,10 @@ class ChildProcess:
         lease, self._lease = self._lease, None
         if lease is not None and self._isolation is not None:
             await self._isolation.release(lease, started=self.pid != 0)
+
+
+class _ForkServerDied(ChildStartError):
+    """The child ended while starting because its fork server did."""
 
 
 _OUTPUT_FRAMES = frozenset(

@@ -37,7 +37,11 @@ BOOTSTRAP = (
 
 
 class ForkServerError(OSError):
-    """The fork server could not start a child (or is gone)."""
+    """The fork server could not start a child."""
+
+
+class ForkServerGone(ForkServerError):
+    """The fork server ended: a new one may be started."""
 
 
 class ForkServer:
@@ -108,7 +112,7 @@ class ForkServer:
         """(pid, pidfd) of a new child given `fds`; the pidfd is ours to close."""
         sock = self._sock
         if sock is None or self._lost:
-            raise ForkServerError("the fork server is not running")
+            raise ForkServerGone("the fork server is not running")
         number = next(self._ids)
         reply: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._forks[number] = reply
@@ -118,6 +122,9 @@ class ForkServer:
             return await reply
         except BlockingIOError as exc:
             raise ForkServerError(f"the fork server is not keeping up: {exc}") from None
+        except ConnectionError:  # it died, and we have not read its end yet
+            self._on_lost()
+            raise ForkServerGone("the fork server ended") from None
         finally:
             self._forks.pop(number, None)
 
@@ -179,12 +186,12 @@ class ForkServer:
         if self._lost:
             return
         self._lost = True
-        log.error("the fork server ended; new sessions start by exec until it is restarted")
+        log.error("the fork server ended, and its children with it; the next start makes another")
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
         for reply in self._forks.values():
             if not reply.done():
-                reply.set_exception(ForkServerError("the fork server ended"))
+                reply.set_exception(ForkServerGone("the fork server ended"))
         for status in self._statuses.values():
             if not status.done():
                 status.set_result(None)

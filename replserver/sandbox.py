@@ -11,6 +11,7 @@ directories (isolation.py prepares them and the list of mounts).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,8 +35,9 @@ class Confinement:
     cwd: str = ""
 
     def confiner(self) -> Confiner:
-        """The callable that applies this confinement to the process that calls it."""
+        """The callable that applies this confinement to a child of this process."""
         return Confiner(
+            parent=os.getpid(),
             uid=self.uid,
             gid=self.gid,
             new_netns=self.new_netns,

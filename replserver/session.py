@@ -187,6 +187,10 @@ class Session:
             self.queued -= 1
         try:
             child = await self._ensure_child()
+            if not child.alive:
+                # It ended while it was made ready (files carried over, a snapshot given):
+                # the session's next child, which the reply reports as a restart.
+                child = await self._ensure_child()
             self.execution_count += 1
             execution = Execution(
                 f"{self.id}.{secrets.token_hex(6)}",

@@ -31,7 +31,7 @@ def pid_gone(pid: int) -> bool:
     """True if no such process runs (a zombie counts as gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it went while being read
         return True
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 

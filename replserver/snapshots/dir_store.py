@@ -69,7 +69,12 @@ class DirStore:
             raise
 
     async def get(self, session_id: str) -> bytes | None:
-        return await asyncio.to_thread(self._read, self._path(session_id))
+        path = self._path(session_id)
+        # Most new sessions have no snapshot: one stat (microseconds) answers that on the
+        # loop, where a thread hop would add a wake-up to every new session's first reply.
+        if not path.exists():
+            return None
+        return await asyncio.to_thread(self._read, path)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
