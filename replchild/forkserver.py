@@ -29,6 +29,7 @@ from replchild.confine import Confiner, make_undumpable, set_parent_death_signal
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
     from runner_child import Usage
 
@@ -40,13 +41,17 @@ FIRST_FREE_FD = 7
 FD_BYTES = 4  # an int in SCM_RIGHTS data
 
 
-def serve(run: Callable[[Usage], None], usage: Callable[[], Usage]) -> None:
+def serve(runner: ModuleType) -> None:
     """Serve requests on the socket whose number is sys.argv[1] until the server closes it.
 
-    `run` is runner_child.main and `usage` its Usage, made before the uid changes (it opens
-    /proc/self files that are root's afterwards). In a forked child this returns once `run`
-    has returned, so that the interpreter ends the way it does after a script (atexit
-    handlers of user code run)."""
+    `runner` is runner_child: each child runs its main() with a Usage made before the uid
+    changes (it opens /proc/self files that are root's afterwards). In a forked child this
+    returns once main() has returned, so that the interpreter ends the way it does after a
+    script (atexit handlers of user code run)."""
+    run: Callable[[Usage], None] = runner.main
+    usage: Callable[[], Usage] = runner.Usage
+    # What each child's main() would do first, done once: fewer pages for it to copy.
+    runner.forget_our_modules()
     control, server_pid = int(sys.argv[1]), int(sys.argv[2])
     del sys.argv[1:]  # children see the argv of a child started by exec
     # Ours dies with the server: the children, whose parent we are, then get SIGTERM.

@@ -32,7 +32,7 @@ START_TIMEOUT_S = 20.0
 BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop()); import runner_child; "
     "from replchild import forkserver; del sys.path[0]; "
-    "forkserver.serve(runner_child.main, runner_child.Usage)"
+    "forkserver.serve(runner_child)"
 )
 
 

@@ -94,7 +94,7 @@ class SessionFilesystems:
                 targets[target] = real
         # A covered directory holding the base is covered last: the sources of the others
         # are still reachable by their host paths until then.
-        self._targets = sorted(targets.items(), key=lambda t: _below(base, t[1]))
+        self._targets = sorted(targets.items(), key=lambda t: _below(os.path.realpath(base), t[1]))
         if private:
             # A mount of its own, shared: the sessions' filesystems mounted below it reach
             # the children's namespaces (as slaves) and, above all, so do their unmounts.
@@ -134,12 +134,13 @@ class SessionFilesystems:
                 os.chown(home, uid, uid)
             mounts: list[tuple[str, str, int]] = []
             covers: list[tuple[str, str, int]] = []
+            reals = [(path, os.path.realpath(path)) for path in (workdir, *keep)]
             for target, real in self._targets:
                 inside = root / TEMP_DIRS[target]
                 inside.mkdir()
                 inside.chmod(0o1777)  # sticky: a session cannot move what the server made
-                for path in (workdir, *keep):
-                    if _below(path, real):
+                for path, path_real in reals:
+                    if _below(path_real, real):
                         point = inside / os.path.relpath(path, real)
                         _make_chain(inside, point, real)
                         mounts.append((str(path), str(point), MS_BIND))
@@ -181,8 +182,8 @@ def _unmount(path: Path) -> None:
             log.warning("could not unmount %s: %s", path, exc)
 
 
-def _below(path: Path | str, directory: str) -> bool:
-    real = os.path.realpath(path)
+def _below(real: str, directory: str) -> bool:
+    """Whether the resolved path `real` is `directory` or lies below it."""
     return real == directory or real.startswith(directory.rstrip("/") + "/")
 
 
