@@ -141,7 +141,8 @@ class ChildPool:
     def _refill_soon(self) -> None:
         """Refill once the request that just took a child has likely had its answer.
 
-        A start blocks the event loop for its fork and exec (about 5 ms); begun at once,
+        A start holds the event loop for about 2 ms (the session's filesystem, the fork
+        server's request; by exec, the fork of this process, about 5 ms); begun at once,
         it lands in the middle of that request (a `print(1)` takes about 1 ms). While the
         reserve still has a child this can wait a little; when it is empty it cannot."""
         if self._refill_timer is None and not self._closed:
@@ -154,8 +155,8 @@ class ChildPool:
 
     def _refill(self) -> None:
         """Start children at once, as many at a time as there are cores, until the reserve
-        and the waiters are covered. A start blocks the event loop for its fork (a few ms):
-        each one is its own task, so requests get the loop between two of them."""
+        and the waiters are covered. A start holds the event loop for a few ms: each one
+        is its own task, so requests get the loop between two of them."""
         if self._closed:
             return
         while (
