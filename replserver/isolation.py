@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import py_compile
@@ -132,11 +133,6 @@ class Isolation:
         # 0711: children may enter their own directory below but not list the others.
         self.work_base.mkdir(mode=0o711, parents=True)
         self.work_base.chmod(0o711)
-        # What the children execute. Under a dropped uid the installed script may sit where
-        # that uid cannot read (a checkout under /root, say): children get a copy here.
-        self.python = settings.python
-        self.runner_dir = self.work_base / "runner"
-        self.runner_path = install_runner(settings.runner_path, self.runner_dir)
         self._forks: ForkServer | None = None
         self._forks_lock = asyncio.Lock()
         # A forked child is watched through a pidfd (Linux 5.3 and later).
@@ -150,6 +146,12 @@ class Isolation:
         except OSError as exc:
             mount_error = exc
             self.fs = SessionFilesystems(self.work_base, private=False, size_bytes=0)
+        # Once the base is what it stays (a filesystem may have been mounted on it).
+        # What the children execute. Under a dropped uid the installed script may sit where
+        # that uid cannot read (a checkout under /root, say): children get a copy here.
+        self.python = settings.python
+        self.runner_dir = self.work_base / "runner"
+        self.runner_path = install_runner(settings.runner_path, self.runner_dir)
         if self.fs.private and not own_namespace:
             log.info("the server has threads: session filesystems are mounted in its namespace")
         self.layers = Layers(
@@ -437,9 +439,11 @@ def pidfds_work() -> bool:
     return True
 
 
+@functools.cache
 def closed_to_others(path: str) -> bool:
     """Whether an unprivileged user with no groups cannot reach `path`, by the way it is
-    given (a venv's interpreter under /root links to a readable one) or where it leads."""
+    given (a venv's interpreter under /root links to a readable one) or where it leads.
+    Asked at every start: the answer for a path is kept, as for python_environments."""
     for part in Path(os.path.abspath(path)).parents:
         try:
             if not part.stat().st_mode & stat.S_IXOTH:
@@ -461,12 +465,14 @@ def unreachable_interpreter(python: str) -> str:
     )
 
 
-def python_environments(python: str) -> list[Path]:
+@functools.cache
+def python_environments(python: str) -> tuple[Path, ...]:
     """The directories holding the interpreter's environment: a venv's root, and the
-    prefix of the Python it links to (which the venv's pyvenv.cfg names)."""
-    roots = [Path(os.path.realpath(Path(python).parent.parent))]
+    prefix of the Python it links to (which the venv's pyvenv.cfg names). Kept per
+    interpreter: resolving them took a tenth of the server's time in a burst of starts."""
+    root = Path(os.path.realpath(Path(python).parent.parent))
     base = Path(os.path.realpath(python)).parent.parent
-    return roots if base in roots else [*roots, base]
+    return (root,) if base == root else (root, base)
 
 
 CAP_SYS_ADMIN = 21

@@ -80,10 +80,14 @@ class SessionFs:
     mounts: tuple[tuple[str, str, int], ...] = ()
 
 
+BASE_BYTES = 64 * 1024 * 1024  # the base's tmpfs: the runner's copy and empty directories
+
+
 class SessionFilesystems:
     """Makes and removes the sessions' filesystems under one base directory."""
 
     def __init__(self, base: Path, *, private: bool, size_bytes: int) -> None:
+        self._host_owners: dict[str, tuple[int, int, int]] = {}  # _make_chain's
         self.base = base
         self.private = private
         self.size_bytes = size_bytes if private else 0
@@ -98,7 +102,14 @@ class SessionFilesystems:
         if private:
             # A mount of its own, shared: the sessions' filesystems mounted below it reach
             # the children's namespaces (as slaves) and, above all, so do their unmounts.
-            mount(str(base), str(base), None, MS_BIND)
+            if self.size_bytes:
+                # Only mount points, the runner and directories live here (a session's
+                # files are in its own filesystem): in memory, a session's directories
+                # are made in microseconds (a mkdir took 387 us on this VM's disk, 5 on
+                # a tmpfs, and each start makes two).
+                mount("tmpfs", str(base), "tmpfs", 0, f"mode=0711,size={BASE_BYTES}")
+            else:
+                mount(str(base), str(base), None, MS_BIND)
             mount("none", str(base), None, MS_PRIVATE)
             mount("none", str(base), None, MS_SHARED)
 
@@ -142,7 +153,7 @@ class SessionFilesystems:
                 for path, path_real in reals:
                     if _below(path_real, real):
                         point = inside / os.path.relpath(path, real)
-                        _make_chain(inside, point, real)
+                        self._make_chain(inside, point, real)
                         mounts.append((str(path), str(point), MS_BIND))
                 covers.append((str(inside), target, MS_BIND | MS_REC))
             mount(str(home), str(workdir), None, MS_BIND)
@@ -150,6 +161,30 @@ class SessionFilesystems:
             self._remove(workdir, root)
             raise
         return SessionFs(workdir, root, tuple(mounts + covers))
+
+    def _make_chain(self, top: Path, point: Path, host: str) -> None:
+        """Directories from `top` down to `point` (mount points to bind on), each with the
+        owner and mode of its counterpart below `host`: the same path, the same
+        permissions, so no directory the host keeps closed opens up inside the cover.
+        The host's directories are looked at once: they are the server's own and the
+        interpreter's, which do not change under it."""
+        current, counterpart = str(top), host
+        for part in point.relative_to(top).parts:
+            current, counterpart = os.path.join(current, part), os.path.join(counterpart, part)
+            owner = self._host_owners.get(counterpart)
+            if owner is None:
+                st = os.stat(counterpart)
+                owner = self._host_owners[counterpart] = (
+                    st.st_uid,
+                    st.st_gid,
+                    stat.S_IMODE(st.st_mode),
+                )
+            try:
+                os.mkdir(current, 0o700)
+            except FileExistsError:
+                continue  # on the way to another path kept: made and set already
+            os.chown(current, owner[0], owner[1])
+            os.chmod(current, owner[2])
 
     def remove(self, fs: SessionFs) -> None:
         """Unmount and delete a session's filesystem (blocking: run it in a thread)."""
@@ -185,19 +220,6 @@ def _unmount(path: Path) -> None:
 def _below(real: str, directory: str) -> bool:
     """Whether the resolved path `real` is `directory` or lies below it."""
     return real == directory or real.startswith(directory.rstrip("/") + "/")
-
-
-def _make_chain(top: Path, point: Path, host: str) -> None:
-    """Directories from `top` down to `point` (mount points to bind on), each with the
-    owner and mode of its counterpart below `host`: the same path, the same permissions,
-    so no directory the host keeps closed opens up inside the cover."""
-    current, counterpart = top, Path(host)
-    for part in point.relative_to(top).parts:
-        current, counterpart = current / part, counterpart / part
-        st = os.stat(counterpart)
-        current.mkdir(mode=0o700, exist_ok=True)
-        os.chown(current, st.st_uid, st.st_gid)
-        current.chmod(stat.S_IMODE(st.st_mode))
 
 
 def remove_owned(uid: int) -> int:
