@@ -67,6 +67,8 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         access_log_class=JsonAccessLogger if settings.log_format == "json" else AccessLogger,
+        # None: aiohttp makes no access logger, so a request pays for none of it.
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.shutdown_grace_s + 1,
         print=lambda msg: logging.getLogger("replserver").info(
             "replserver %s listening on http://%s:%s", __version__, settings.host, settings.port
