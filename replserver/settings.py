@@ -76,7 +76,7 @@ class Settings:
     session_idle_s: float = 1800.0
     replay_buffer_bytes: int = 1 * MiB
     log_format: str = "text"
-    # One access log line per request costs the server more than a tenth of its CPU per
+    # One access log line per request costs the server about a tenth of its CPU per
     # small execution (a log record, a formatted time, a write to stderr): opt-in.
     access_log: bool = False
     # API access.
