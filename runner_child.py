@@ -579,7 +579,8 @@ class Runner:
         with self.lock:
             # What was written while no execution ran (a background thread, a leftover
             # subprocess) is dropped now, before it could pass for this execution's output.
-            self._forward_available()
+            # One poll instead of two reads of (usually) empty pipes.
+            self._forward_available(check=True)
             self.output.take()  # print() output of the same kind: dropped too
             self.executing = True
         self.count += 1

@@ -62,6 +62,11 @@ async def read_object(request: web.Request) -> dict[str, Any]:
         raise BadRequest("request body has a number with too many digits") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    if body.isascii() and b"\\u" not in body and b"\x00" not in body:
+        # Only a \u escape can make a lone surrogate in an ASCII body read as UTF-8 (no
+        # NUL byte: json.loads takes UTF-16 and UTF-32 too, and decodes with surrogatepass).
+        # Without one there is nothing to find: the body is not encoded again.
+        return data
     try:
         # A \ud800-style escape decodes to a lone surrogate, which is no Unicode text: any
         # later .encode() of it (to the child, into a reply) would fail. One check here.

@@ -142,37 +142,49 @@ class JsonText:
         return json.dumps(text)[1:-1].encode() if text else b""
 
 
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
 class ReplyWriter:
     """A response body sent in pieces of about REPLY_FLUSH_BYTES. A reply smaller than that
     leaves whole at the end, with a Content-Length, exactly as json_response sent it (the
     headers arrive when the execution is over); a larger one starts at the first piece."""
 
-    def __init__(self, request: web.Request, resp: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
         self._request = request
-        self._resp = resp
+        self._headers = headers
         self._pending: list[bytes] = []
         self._size = 0
-        self.response: web.StreamResponse = resp  # what the handler returns
+        # Made when it is known which one it is: a small reply never builds the stream.
+        self._response: web.StreamResponse | None = None
+
+    @property
+    def response(self) -> web.StreamResponse:
+        """What the handler returns."""
+        if self._response is None:
+            self._response = web.StreamResponse(headers=self._headers)
+        return self._response
 
     async def write(self, data: bytes) -> None:
         self._pending.append(data)
         self._size += len(data)
         if self._size >= REPLY_FLUSH_BYTES:
             pending, self._pending, self._size = self._pending, [], 0
-            if not self._resp.prepared:
-                await self._resp.prepare(self._request)
-            await self._resp.write(b"".join(pending))
+            resp = self.response
+            if not resp.prepared:
+                await resp.prepare(self._request)
+            await resp.write(b"".join(pending))
 
     async def close(self, data: bytes) -> None:
         """Send what is pending, then `data`, and end the body (see `response`)."""
         rest = b"".join((*self._pending, data))
         self._pending, self._size = [], 0
-        resp = self._resp
-        if not resp.prepared:
+        resp = self._response
+        if resp is None or not resp.prepared:
             # A whole reply leaves as a Response, whose headers go out in the same send as
             # its body; a StreamResponse sends its headers as soon as it is prepared, which
             # costs a second send and, for the client, a second segment to wait for.
-            self.response = web.Response(body=rest, status=resp.status, headers=resp.headers)
+            self._response = web.Response(body=rest, headers=self._headers)
             return
         await resp.write_eof(rest)
 
@@ -187,10 +199,8 @@ async def collect(request: web.Request, run: Run, *, output_limit: int) -> web.S
     A small reply is sent whole at the end, as before (ReplyWriter).
     """
     execution = run.execution
-    resp = web.StreamResponse(headers={"X-Execution-Id": execution.id})
-    resp.content_type = "application/json"
-    resp.charset = "utf-8"
-    body = ReplyWriter(request, resp)
+    headers = {"Content-Type": JSON_CONTENT_TYPE, "X-Execution-Id": execution.id}
+    body = ReplyWriter(request, headers)
     err: deque[bytes] = deque()
     result: str | None = None
     displays: list[dict[str, Any]] = []

@@ -53,6 +53,8 @@ HOSTILE: dict[str, bytes] = {
     "UTF-8 of a surrogate": b'{"code": "\xed\xa0\x80"}',
     "a lone surrogate escape": b'{"code": "print(\'\\ud800\')", "value": "\\udc00"}',
     "a lone surrogate in a key": b'{"\\udfff": 1, "code": "1"}',
+    # Every byte ASCII, NULs between: json.loads reads UTF-16 too, escapes and all.
+    "a lone surrogate escape in UTF-16": '{"code": "\\ud800"}'.encode("utf-16-le"),
     "an array": b'["code"]',
     "a string": b'"print(1)"',
     "null": b"null",
@@ -115,6 +117,7 @@ async def test_hostile_reasons_are_specific(fuzzed: Client) -> None:
         "NaN": "NaN is not a JSON value",
         "invalid UTF-8": "not valid UTF-8",
         "a lone surrogate escape": "lone surrogate",
+        "a lone surrogate escape in UTF-16": "lone surrogate",
         "an array": "must be a JSON object",
         "truncated": "not valid JSON",
     }

@@ -287,6 +287,29 @@ def _access_line(caplog: pytest.LogCaptureFixture, path: str) -> dict[str, Any] 
     return None
 
 
+async def test_access_log_is_off_by_default_and_on_by_setting(tmp_path: Any) -> None:
+    """`python -m replserver` writes no access line unless REPL_ACCESS_LOG is set (README:
+    configuration); set, each request gets one, at the default log level."""
+    lines = {}
+    for name, setting in (("default", ""), ("on", "1")):  # "": as if unset
+        log = tmp_path / f"{name}.log"
+        replica = await servers.start(log=log, REPL_LOG_LEVEL="info", REPL_ACCESS_LOG=setting)
+        try:
+            await replica.wait_ready()
+            async with aiohttp.ClientSession() as http:
+                url = f"{replica.base}/execute/logged-{name}"
+                async with http.post(url, json={"code": "print(1)"}) as resp:
+                    assert resp.status == 200 and (await resp.json())["output"] == "1\n"
+        finally:
+            # The line is written right after the reply; once the process has exited,
+            # whatever it was going to log is in the file.
+            await replica.stop()
+        lines[name] = [x for x in log.read_text().splitlines() if f"/execute/logged-{name}" in x]
+    assert lines["default"] == []
+    assert len(lines["on"]) == 1 and "status=200" in lines["on"][0]
+    assert "sessionId=logged-on" in lines["on"][0] and "reason=ok" in lines["on"][0]
+
+
 async def test_disconnects_are_noticed_by_a_real_server() -> None:
     """`python -m replserver` does not cancel handlers when clients leave (aiohttp's
     default, unlike the test server): the stream notices by itself."""
