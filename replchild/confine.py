@@ -110,9 +110,12 @@ class Confiner:
         mounts: tuple[tuple[str, str, int], ...],
         cwd: str,
         parent: int,
+        detach: str = "",
     ) -> None:
-        """`parent`: the pid of the process that forks the one to confine."""
+        """`parent`: the pid of the process that forks the one to confine. `detach`: a
+        directory whose mounts go from this process's namespace once `mounts` are made."""
         self.uid, self.gid, self.cwd, self.parent = uid, gid, cwd, parent
+        self._detach = detach.encode()
         self._program = ctypes.create_string_buffer(seccomp or b"", len(seccomp or b""))
         self._fprog = SockFprog(
             len(seccomp or b"") // SOCK_FILTER_BYTES, ctypes.addressof(self._program)
@@ -135,9 +138,15 @@ class Confiner:
             # ended session's filesystem, copied into this namespace) goes here too.
             if _mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
                 _fail("mount(/, MS_REC|MS_SLAVE)")
+            # Held before the mounts cover the way to it, for the detach after them.
+            held = os.open(self._detach, os.O_PATH | os.O_CLOEXEC) if self._detach else -1
             for src, dst, flags in self._mounts:
                 if _mount(src, dst, None, flags, None) != 0:
                     _fail(f"mount({src!r}, {dst!r})")
+            if held >= 0:
+                if _umount2(f"/proc/self/fd/{held}".encode(), MNT_DETACH) != 0:
+                    _fail(f"umount({self._detach!r})")
+                os.close(held)
             if self.cwd:
                 # The directory entered before lies in the covered tree, whose ".." leads
                 # where the child has no business.

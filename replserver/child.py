@@ -256,6 +256,7 @@ class ChildProcess:
                 "seccomp": confinement.seccomp,
                 "mounts": confinement.mounts,
                 "cwd": confinement.cwd,
+                "detach": confinement.detach,
             },
         }
         request_r, request_w = os.pipe()

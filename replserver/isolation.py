@@ -280,6 +280,7 @@ class Isolation:
             seccomp=self._seccomp_program,
             mounts=fs.mounts,
             cwd=str(fs.workdir) if fs.mounts else "",
+            detach=fs.detach,
         )
         return Lease(uid=uid, fs=fs, cgroup=cgroup, confinement=confinement)
 

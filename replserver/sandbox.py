@@ -33,6 +33,8 @@ class Confinement:
     # The working directory, entered again once the mounts are made: the one Popen entered
     # lies in the covered tree, whose ".." leads where the child has no business.
     cwd: str = ""
+    # Mounts to let go of once those above are made (other sessions' filesystems).
+    detach: str = ""
 
     def confiner(self) -> Confiner:
         """The callable that applies this confinement to a child of this process."""
@@ -44,6 +46,7 @@ class Confinement:
             seccomp=self.seccomp,
             mounts=self.mounts,
             cwd=self.cwd,
+            detach=self.detach,
         )
 
 

@@ -78,6 +78,9 @@ class SessionFs:
     workdir: Path
     root: Path | None  # the filesystem holding the workdir and temp dirs; None: shared temp
     mounts: tuple[tuple[str, str, int], ...] = ()
+    # Detached in the child once its mounts are made: the base, with every other session's
+    # filesystem below it ("": it holds the child's working directory, and stays).
+    detach: str = ""
 
 
 BASE_BYTES = 64 * 1024 * 1024  # the base's tmpfs: the runner's copy and empty directories
@@ -98,7 +101,14 @@ class SessionFilesystems:
                 targets[target] = real
         # A covered directory holding the base is covered last: the sources of the others
         # are still reachable by their host paths until then.
-        self._targets = sorted(targets.items(), key=lambda t: _below(os.path.realpath(base), t[1]))
+        real_base = os.path.realpath(base)
+        self._targets = sorted(targets.items(), key=lambda t: _below(real_base, t[1]))
+        # Below a covered directory, the child reaches what it needs of the base through
+        # binds inside the cover, so it can let go of the rest: the copies of every other
+        # session's filesystem its namespace starts with. Then no mount or unmount the
+        # server makes later has to reach it (each took O(live sessions) time).
+        covered = any(_below(real_base, real) for _, real in self._targets)
+        self._detach = str(base) if private and covered else ""
         if private:
             # A mount of its own, shared: the sessions' filesystems mounted below it reach
             # the children's namespaces (as slaves) and, above all, so do their unmounts.
@@ -160,7 +170,7 @@ class SessionFilesystems:
         except BaseException:
             self._remove(workdir, root)
             raise
-        return SessionFs(workdir, root, tuple(mounts + covers))
+        return SessionFs(workdir, root, tuple(mounts + covers), self._detach)
 
     def _make_chain(self, top: Path, point: Path, host: str) -> None:
         """Directories from `top` down to `point` (mount points to bind on), each with the

@@ -154,29 +154,38 @@ async def test_each_session_has_its_own_tmp_var_tmp_and_dev_shm(tmp_path: Path) 
 
 ROUND_THE_COVER = """\
 import os
-mine = os.path.basename(os.getcwd()).replace('s-', 'fs-')
-# Other sessions' filesystems are named in this namespace's mount table (copies of the
-# server's mounts); try them from the working directory's parent, and by absolute path.
-found = {l.split()[4] for l in open('/proc/self/mountinfo') if '/fs-' in l}
-others = sorted({p for p in found if os.path.basename(p).startswith('fs-')} - {mine})
-print(len(others) > 0)
-for other in others:
-    for path in (f'../{os.path.basename(other)}/tmp/planted', f'{other}/tmp/planted'):
-        try:
-            open(path, 'w').write('x')
-            print('WROTE', path)
-        except OSError as exc:
-            print(type(exc).__name__)
+other = {other!r}
+# Other sessions' filesystems are named nowhere in this namespace's mount table...
+print(any(other in line for line in open('/proc/self/mountinfo')))
+# ...and, named anyway, reached from the working directory's parent or by absolute path?
+base = os.path.dirname(os.getcwd())
+for path in (f'../{{other}}/tmp/planted', f'{{base}}/{{other}}/tmp/planted'):
+    try:
+        open(path, 'w').write('x')
+        print('WROTE', path)
+    except OSError as exc:
+        print(type(exc).__name__)
 """
 
 
 async def test_no_way_round_the_cover_into_another_sessions_tmp(tmp_path: Path) -> None:
     async with server(tmp_path) as srv:
-        await srv.out("b", "print('here')")
-        out = (await srv.out("a", ROUND_THE_COVER)).split()
-        assert out[0] == "True", out  # the names are there to try
+        cwd = (await srv.out("b", "import os\nprint(os.getcwd())")).strip()
+        other = os.path.basename(cwd).replace("s-", "fs-")  # how the server names it
+        out = (await srv.out("a", ROUND_THE_COVER.format(other=other))).split()
+        assert out[0] == "False", out  # not in A's mount table
         assert "WROTE" not in out and set(out[1:]) <= {"FileNotFoundError", "PermissionError"}
         assert "planted" not in await srv.out("b", "import os\nprint(os.listdir('/tmp'))")
+        # Nor any other session's: A's namespace holds its own filesystem alone.
+        mine = (await srv.out("a", MOUNTED_SESSIONS)).split()
+        assert len(mine) == 1 and mine[0].endswith(
+            os.path.basename((await srv.out("a", "import os\nprint(os.getcwd())")).strip())
+        ), mine
+
+
+MOUNTED_SESSIONS = """\
+print(*sorted({l.split()[4] for l in open('/proc/self/mountinfo') if '/s-' in l.split()[4]}))
+"""
 
 
 SHM = """\
@@ -327,12 +336,14 @@ async def test_the_quotas_space_comes_back_when_the_session_ends(tmp_path: Path)
         assert f" {fs_a} " in mountinfo(srv.pid)
         # In the server's own mount namespace: never on the host's (this process's).
         assert f" {fs_a} " not in mountinfo(os.getpid())
-        # The bystander's namespace holds a copy of the mount; it must not keep it alive.
-        assert f" {fs_a} " in mountinfo(pid_b)
+        # The bystander's namespace holds no copy of it that could keep it alive.
+        assert f" {fs_a} " not in mountinfo(pid_b)
+        # Seen as the server sees them (its root, in its mount namespace).
+        seen = [Path(f"/proc/{srv.pid}/root{path}") for path in (cwd_a, fs_a)]
+        assert all(path.exists() for path in seen)
         await srv.delete("a")
         await poll(lambda: f" {fs_a} " not in mountinfo(srv.pid))
-        await poll(lambda: f" {fs_a} " not in mountinfo(pid_b))
-        await poll(lambda: not Path(cwd_a).exists() and not Path(fs_a).exists())
+        await poll(lambda: not any(path.exists() for path in seen))
         assert int(pid_a) > 0 and await srv.out("b", "print('alive')") == "alive\n"
 
 
