@@ -42,6 +42,14 @@ FD_BYTES = 4  # an int in SCM_RIGHTS data
 
 
 def serve(runner: ModuleType) -> None:
+    """Serve until the server closes its end of the socket (see _serve)."""
+    try:
+        _serve(runner)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server went while we answered: nobody is left to serve
+
+
+def _serve(runner: ModuleType) -> None:
     """Serve requests on the socket whose number is sys.argv[1] until the server closes it.
 
     `runner` is runner_child: each child runs its main() with a Usage made before the uid
@@ -162,6 +170,7 @@ def _become_session(
         os.environ.clear()
         os.environ.update(request["env"])  # type: ignore[call-overload]
     except BaseException as exc:  # noqa: BLE001  # never back into the fork server's loop
-        os.write(2, f"replserver fork server: the child could not start: {exc!r}\n".encode())
+        text = f"replserver fork server: a child could not start: {type(exc).__name__}: {exc}\n"
+        os.write(2, text.encode())
         os._exit(1)
     return made

@@ -59,6 +59,7 @@ class ForkServer:
         self._forks: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._statuses: dict[int, asyncio.Future[int | None]] = {}
         self._lost = False
+        self._writable: asyncio.Future[None] | None = None  # when the socket has room again
 
     @property
     def alive(self) -> bool:
@@ -116,17 +117,38 @@ class ForkServer:
         number = next(self._ids)
         reply: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._forks[number] = reply
+        payload = marshal.dumps({**request, "id": number})
         try:
-            # A few kilobytes into a socket with room for far more: never blocks for long.
-            socket.send_fds(sock, [marshal.dumps({**request, "id": number})], list(fds))
+            # A few kilobytes each: a burst of starts can fill the socket, never for long.
+            while True:
+                try:
+                    socket.send_fds(sock, [payload], list(fds))
+                    break
+                except BlockingIOError:
+                    await self._until_writable(sock)
+                if self._lost:
+                    raise ConnectionResetError
             return await reply
-        except BlockingIOError as exc:
-            raise ForkServerError(f"the fork server is not keeping up: {exc}") from None
         except ConnectionError:  # it died, and we have not read its end yet
             self._on_lost()
             raise ForkServerGone("the fork server ended") from None
         finally:
             self._forks.pop(number, None)
+
+    async def _until_writable(self, sock: socket.socket) -> None:
+        """Wait until the socket takes a message again (one waiter registers for all)."""
+        if self._writable is None:
+            loop = asyncio.get_running_loop()
+            writable = self._writable = loop.create_future()
+
+            def ready() -> None:
+                loop.remove_writer(sock.fileno())
+                self._writable = None
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(sock.fileno(), ready)
+        await asyncio.shield(self._writable)
 
     def exit_status(self, pid: int) -> asyncio.Future[int | None]:
         """The exit status of child `pid` as a return code (negative: killed by a signal);
@@ -185,10 +207,17 @@ class ForkServer:
     def _on_lost(self) -> None:
         if self._lost:
             return
-        self._lost = True
         log.error("the fork server ended, and its children with it; the next start makes another")
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """No more messages either way: whoever waits on one is told so."""
+        self._lost = True
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            asyncio.get_running_loop().remove_writer(self._sock.fileno())
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)  # its waiters find the fork server gone
         for reply in self._forks.values():
             if not reply.done():
                 reply.set_exception(ForkServerGone("the fork server ended"))
@@ -198,12 +227,10 @@ class ForkServer:
 
     async def close(self) -> None:
         """Stop the fork server (its children, if any are left, get SIGTERM)."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            if not self._lost:
-                asyncio.get_running_loop().remove_reader(sock.fileno())
-            self._lost = True
-            sock.close()  # end of requests: it returns from serve() and exits
+        if self._sock is not None:
+            self._let_go()
+            self._sock.close()  # end of requests: it returns from serve() and exits
+            self._sock = None
         if self._process is not None:
             try:
                 async with asyncio.timeout(2.0):

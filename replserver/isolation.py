@@ -134,6 +134,7 @@ class Isolation:
         self.work_base.mkdir(mode=0o711, parents=True)
         self.work_base.chmod(0o711)
         self._forks: ForkServer | None = None
+        self._closed = False
         self._forks_lock = asyncio.Lock()
         # A forked child is watched through a pidfd (Linux 5.3 and later).
         self._pidfds = pidfds_work()
@@ -202,6 +203,8 @@ class Isolation:
             # fails at once with PermissionError, which the probe knows how to answer.
             return None
         async with self._forks_lock:
+            if self._closed:
+                raise ChildStartError("the server is shutting down")
             forks = self._forks
             if forks is not None and forks.alive and forks.python == self.python:
                 return forks
@@ -375,6 +378,7 @@ class Isolation:
         self._free_uids.insert(0, uid)  # reused last: least recently used first
 
     async def close(self) -> None:
+        self._closed = True  # no fork server is started after this one is stopped
         forks, self._forks = self._forks, None
         if forks is not None:
             await forks.close()

@@ -7,14 +7,19 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from replserver.child import ChildProcess, child_environment
+from replserver.isolation import Isolation
+
 from . import servers
 from .conftest import MakeClient, execute
+from .conftest import test_settings as settings_for_test
 
 PARENT = "import os; print(os.getppid())"
 DEADLINE_S = 20.0
@@ -137,3 +142,24 @@ async def until_it_answers(client: object, sid: str, code: str) -> dict[str, Any
         if not lost or time.monotonic() > deadline:
             return body
         await asyncio.sleep(0.05)
+
+
+async def test_starts_wait_for_room_when_the_fork_servers_socket_is_full() -> None:
+    settings = settings_for_test()
+    isolation = Isolation(settings)
+    children: list[ChildProcess] = []
+    try:
+        forks = await isolation.fork_server(child_environment(settings, python=isolation.python))
+        assert forks is not None
+        # The smallest buffer the kernel allows: a few requests fill it, as a burst of
+        # starts would fill the default one (it did at 100 at once, with EAGAIN).
+        sock = forks._sock
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        starts = [ChildProcess.spawn(settings, isolation=isolation) for _ in range(12)]
+        children = list(await asyncio.gather(*starts))
+        assert len({child.pid for child in children}) == 12
+        assert all(child.alive for child in children)
+    finally:
+        await asyncio.gather(*(child.end(0) for child in children))
+        await isolation.close()
