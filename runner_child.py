@@ -29,7 +29,7 @@ import sys
 
 import replchild as _PACKAGE
 from replchild import output, repl, wire
-from replchild.output import Output, TextWriter, install_flush_points
+from replchild.output import Output, TextWriter, install_flush_points, stdout_stream
 from replchild.repl import Repl
 from replchild.wire import (
     FLAG_INPUT,
@@ -84,6 +84,7 @@ BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 FLUSH_DELAY_S = 0.001
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
+SMALL_WRITE = 4096
 
 NO_INPUT_MESSAGE = (
     "input() is not available in /execute or a protocol 1 stream:"
@@ -159,6 +160,14 @@ class Runner:
         os.set_blocking(self.wake_w, False)
         self.output = Output(self.wake_w)
         self.output.flush = self.flush_output
+        import fcntl
+
+        self._ioctl = fcntl.ioctl
+        self._fionread = 0  # termios.FIONREAD, imported by the first delivery
+        try:
+            self.pipe_size = fcntl.fcntl(proto_out, fcntl.F_GETPIPE_SZ)
+        except OSError:  # not a pipe: any write may block
+            self.pipe_size = 0
         self._install_std_fds()
         self.repl = Repl(
             self.module,
@@ -193,8 +202,8 @@ class Runner:
         # print() output is buffered and goes to the protocol pipe, not to fds 1 and 2: see
         # replchild/output.py for how it keeps its order with what is written to them.
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-        sys.stdout = TextWriter(self.output, T_STDOUT)
-        sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)  # as Python's
+        sys.stdout = self.stdout = stdout_stream(self.output)
+        sys.stderr = self.stderr = TextWriter(self.output)
         # sys.__stdout__ and friends are what code restores after redirecting: make them ours.
         sys.__dict__.update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
         self.std_targets = [
@@ -218,16 +227,40 @@ class Runner:
         if _unusable(sys.stdin):
             sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
         if _unusable(sys.stdout):
-            sys.stdout = TextWriter(self.output, T_STDOUT)
+            sys.stdout = self.stdout = stdout_stream(self.output)
         if _unusable(sys.stderr):
-            sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)
+            sys.stderr = self.stderr = TextWriter(self.output)
 
     # --- frames out -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
+        # A write the pipe has no room for waits until the server reads: print() calls are
+        # told to wait too meanwhile (Output.throttle), rather than buffer without bound. A
+        # small write of the main thread is not checked (it is the one printing, and the
+        # syscall would cost every execution's completion).
         view = memoryview(data)
-        while view:
-            n = _write_fd(self.proto_out, view)
-            view = view[n:]
+        small = len(data) <= SMALL_WRITE and _thread.get_ident() == self.main_thread
+        blocks = not small and len(data) > self._pipe_room()
+        if blocks:
+            self.output.throttle(True)
+        try:
+            while view:
+                view = view[_write_fd(self.proto_out, view) :]
+        finally:
+            if blocks:
+                self.output.throttle(False)
+
+    def _pipe_room(self) -> int:
+        """Bytes the protocol pipe takes now without blocking (its size less what it holds)."""
+        if not self._fionread:
+            from termios import FIONREAD
+
+            self._fionread = FIONREAD
+        queued = bytearray(4)
+        try:
+            self._ioctl(self.proto_out, self._fionread, queued)
+        except OSError:
+            return 0
+        return self.pipe_size - int.from_bytes(queued, sys.byteorder)
 
     def send(self, kind: int, payload: bytes) -> None:
         with self.lock:
@@ -291,7 +324,7 @@ class Runner:
     def _flush_replaced_streams(self) -> None:
         # Streams user code put in place of ours (a file opened on fd 1, say) write to the fds.
         for stream in (sys.stdout, sys.stderr):
-            if stream.__class__ is not TextWriter:
+            if stream is not self.stdout and stream is not self.stderr:
                 try:
                     stream.flush()
                 except BaseException:  # noqa: BLE001 - user may have replaced or closed it
@@ -362,11 +395,10 @@ class Runner:
                 except BlockingIOError:
                     pass
                 sleep(FLUSH_DELAY_S)  # what is printed meanwhile goes in the same frame
-                output.armed = False  # before the take: a write after it arms again
-                if output.parts:
-                    self.flush_output()  # the pipes' bytes first
-                    last = monotonic()
-                    continue
+                output.disarm()  # before the take: a write after it arms again
+                self.flush_output()  # the pipes' bytes first
+                last = monotonic()
+                continue
             if not piped:
                 continue
             # A write after a quiet spell goes out at once (no added latency); during a
