@@ -75,7 +75,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 256 * 1024  # bytes of a pipe read, and the payload of an output frame at most
+IOV_MAX = 1024  # buffers one writev takes (Linux's UIO_MAXIOV)
 BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 # After the first print() into an empty buffer, the forwarder delivers what has gathered this
@@ -95,6 +96,7 @@ NO_INPUT_MESSAGE = (
 RUNNER_FILES = frozenset((__file__, output.__file__, repl.__file__, wire.__file__))
 
 _write_fd = os.write  # the real one: install_flush_points wraps os.write for user code
+_writev_fd = os.writev  # and os.writev
 
 
 class Runner:
@@ -237,14 +239,25 @@ class Runner:
         # told to wait too meanwhile (Output.throttle), rather than buffer without bound. A
         # small write of the main thread is not checked (it is the one printing, and the
         # syscall would cost every execution's completion).
-        view = memoryview(data)
-        small = len(data) <= SMALL_WRITE and _thread.get_ident() == self.main_thread
-        blocks = not small and len(data) > self._pipe_room()
+        self._writev([data], len(data))
+
+    def _writev(self, pieces: list[bytes | memoryview], size: int) -> None:
+        """Write `pieces` (`size` bytes in all) in order, without joining them (see _write)."""
+        small = size <= SMALL_WRITE and _thread.get_ident() == self.main_thread
+        blocks = not small and size > self._pipe_room()
         if blocks:
             self.output.throttle(True)
         try:
-            while view:
-                view = view[_write_fd(self.proto_out, view) :]
+            first = 0
+            while first < len(pieces):
+                batch = pieces[first : first + IOV_MAX]
+                written = _writev_fd(self.proto_out, batch)
+                for piece in batch:  # skip what went out; the rest of a piece stays
+                    if written < len(piece):
+                        pieces[first] = memoryview(piece)[written:]
+                        break
+                    written -= len(piece)
+                    first += 1
         finally:
             if blocks:
                 self.output.throttle(False)
@@ -302,17 +315,19 @@ class Runner:
                 try:
                     self._forward_available(check=True)
                     runs = self.output.take()
-                    data = [
-                        encode(kind, chunk[at : at + READ_CHUNK])
-                        for kind, chunk in (runs if self.executing else ())
-                        for at in range(0, len(chunk), READ_CHUNK)
-                    ]
+                    # Frames of at most READ_CHUNK bytes whose payloads are the buffered
+                    # pieces themselves: written with writev, never copied here.
+                    pieces: list[bytes | memoryview] = []
+                    size = 0
+                    for kind, chunks in runs if self.executing else ():
+                        size += _frame_pieces(pieces, kind, chunks)
                     if ending:
                         self.executing = False
                     if frame:
-                        data.append(frame)
-                    if data:
-                        self._write(b"".join(data))
+                        pieces.append(frame)
+                        size += len(frame)
+                    if pieces:
+                        self._writev(pieces, size)
                 finally:
                     self.lock_owner = 0
         finally:
@@ -737,6 +752,31 @@ class Runner:
         )
         # Not the warm-up's frame (count 0): the server's first frame is READY.
         self._deliver(frame if self.count else b"", ending=True)
+
+
+def _frame_pieces(pieces: list[bytes | memoryview], kind: int, chunks: list[bytes]) -> int:
+    """Append output frames of `kind` carrying `chunks` to `pieces` (a header, then the
+    payload's pieces, slices of the chunks where a frame ends inside one); bytes added."""
+    added = 0
+    body: list[bytes | memoryview] = []
+    size = 0
+    for chunk in chunks:
+        at, end = 0, len(chunk)
+        while at < end:
+            take = min(READ_CHUNK - size, end - at)
+            body.append(chunk if take == end else memoryview(chunk)[at : at + take])
+            size += take
+            at += take
+            if size == READ_CHUNK:
+                pieces.append(HEADER.pack(kind, size))
+                pieces.extend(body)
+                added += HEADER_SIZE + size
+                body, size = [], 0
+    if size:  # never an empty frame: the server refuses those
+        pieces.append(HEADER.pack(kind, size))
+        pieces.extend(body)
+        added += HEADER_SIZE + size
+    return added
 
 
 def _unusable(stream: object) -> bool:

@@ -145,9 +145,9 @@ class Output:
         elif not self.armed:
             self.arm()
 
-    def take(self) -> list[tuple[int, bytes]]:
-        """Remove what is buffered and return it as (kind, data) runs; the caller delivers
-        them before any later take() is delivered."""
+    def take(self) -> list[tuple[int, list[bytes]]]:
+        """Remove what is buffered and return it as runs of one stream, (kind, its pieces);
+        the caller delivers them before any later take() is delivered."""
         self.drain()
         parts = self.parts
         n = len(parts)
@@ -156,17 +156,17 @@ class Output:
         chunk = parts[:n]
         del parts[:n]  # items appended since len() stay, for the next take
         self.size = 0
-        try:
-            return [(T_STDOUT, b"".join(chunk))]  # type: ignore[arg-type]
-        except TypeError:  # not only stdout: group item by item
-            pass
-        runs: list[tuple[int, bytes]] = []
+        runs: list[tuple[int, list[bytes]]] = []
+        current = -1
         for item in chunk:
-            kind, data = (T_STDOUT, item) if item.__class__ is bytes else item
-            if runs and runs[-1][0] == kind:
-                runs[-1] = (kind, runs[-1][1] + data)  # type: ignore[operator]
+            if isinstance(item, tuple):
+                kind, data = item
             else:
-                runs.append((kind, data))  # type: ignore[arg-type]
+                kind, data = T_STDOUT, item
+            if kind != current:
+                runs.append((kind, []))
+                current = kind
+            runs[-1][1].append(data)
         return runs
 
     def flush_to_fds(self) -> None:
@@ -181,8 +181,8 @@ class Output:
         with self._fd_lock:
             self._fd_owner = me
             try:
-                for kind, data in self.take():
-                    view = memoryview(data)
+                for kind, chunks in self.take():
+                    view = memoryview(b"".join(chunks))
                     fd = 1 if kind == T_STDOUT else 2
                     while view:
                         try:
