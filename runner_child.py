@@ -77,6 +77,7 @@ DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
 READ_CHUNK = 256 * 1024  # bytes of a pipe read, and the payload of an output frame at most
 IOV_MAX = 1024  # buffers one writev takes (Linux's UIO_MAXIOV)
+BULK_PIPE_SIZE = 1024 * 1024  # the protocol pipe's size once output flows in bulk
 BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 # After the first print() into an empty buffer, the forwarder delivers what has gathered this
@@ -166,6 +167,7 @@ class Runner:
 
         self._ioctl = fcntl.ioctl
         self._fionread = 0  # termios.FIONREAD, imported by the first delivery
+        self.pipe_grown = False  # see _grow_pipe
         try:
             self.pipe_size = fcntl.fcntl(proto_out, fcntl.F_GETPIPE_SZ)
         except OSError:  # not a pipe: any write may block
@@ -244,6 +246,8 @@ class Runner:
     def _writev(self, pieces: list[bytes | memoryview], size: int) -> None:
         """Write `pieces` (`size` bytes in all) in order, without joining them (see _write)."""
         small = size <= SMALL_WRITE and _thread.get_ident() == self.main_thread
+        if size >= READ_CHUNK and not self.pipe_grown:
+            self._grow_pipe()
         blocks = not small and size > self._pipe_room()
         if blocks:
             self.output.throttle(True)
@@ -261,6 +265,18 @@ class Runner:
         finally:
             if blocks:
                 self.output.throttle(False)
+
+    def _grow_pipe(self) -> None:
+        """Output flows in bulk: a larger protocol pipe lets the server read it in fewer,
+        larger reads. Done at the first bulk delivery only, so that sessions that never
+        print much do not hold pipe memory (a user's pipes share one budget of pages)."""
+        import fcntl
+
+        self.pipe_grown = True  # tried, at least: not again
+        try:
+            self.pipe_size = fcntl.fcntl(self.proto_out, fcntl.F_SETPIPE_SZ, BULK_PIPE_SIZE)
+        except OSError:  # over the user's budget, or not a pipe: it keeps the size it has
+            pass
 
     def _pipe_room(self) -> int:
         """Bytes the protocol pipe takes now without blocking (its size less what it holds)."""
