@@ -24,7 +24,7 @@ or 2 by itself (a ctypes call, an extension module) raises no event, so its byte
 their order with print() output only to within that short delay; and the delay is started
 by the first write after a delivery, which goes through a Python-level `write` put in front
 of the wrapper's: a `write = sys.stdout.write` saved while output was already waiting
-bypasses it, and what it writes then goes out with the next print(), a flush or the
+bypasses it, and what it writes then goes out with the next print(), flush point or the
 completion.
 
 Writes are lock-free under the GIL (list.append, a slice copy and a slice delete are each
@@ -107,9 +107,14 @@ class Output:
             f" throttled={self.throttled}>"
         )
 
-    def pending(self) -> bool:
-        """Whether anything may wait for delivery (a write since the last delayed flush)."""
-        return self.armed or bool(self.parts)
+    def flush_pending(self) -> None:
+        """Deliver what is buffered, if anything is: a flush point's check. Not armed, the
+        wrapper may still hold text (its own write, called directly, arms nothing)."""
+        if not self.armed:
+            self.drain()
+            if not self.parts:
+                return
+        self.flush()
 
     def arm(self) -> None:
         """Ask the forwarder thread for a flush after a short delay."""
@@ -558,8 +563,7 @@ def install_flush_points(output: Output) -> None:
 
     def flushing(function: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if output.armed or output.parts:  # output.pending(), without a call
-                output.flush()
+            output.flush_pending()
             return function(*args, **kwargs)
 
         wrapper.__name__ = wrapper.__qualname__ = function.__name__
@@ -578,9 +582,7 @@ def install_flush_points(output: Output) -> None:
     flush_events = FLUSH_EVENTS
 
     def audit(event: str, args: tuple[Any, ...]) -> None:
-        if (output.armed or output.parts) and (
-            event in flush_events or (event == "open" and args[0].__class__ is int)
-        ):
-            output.flush()
+        if event in flush_events or (event == "open" and args[0].__class__ is int):
+            output.flush_pending()
 
     sys.addaudithook(audit)

@@ -130,6 +130,23 @@ async def test_order_with_other_writers(client: Client, route: str, middle: str)
     assert (out, err) == ("a\nb\nc\n", None)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+async def test_order_with_a_write_that_bypasses_the_python_level_one(
+    client: Client, route: str
+) -> None:
+    """The wrapper's own write, called directly (as a `write = sys.stdout.write` saved at
+    the wrong moment is): nothing arms a delayed flush, and the flush before os.write must
+    still find its text."""
+    code = (
+        "import io, os, sys\n"
+        "io.TextIOWrapper.write(sys.stdout, 'a\\n')\n"
+        "os.write(1, b'b\\n')\n"
+        "print('c')"
+    )
+    out, err = await run(client, route, "bypass-" + route.strip("/"), code)
+    assert (out, err) == ("a\nb\nc\n", None)
+
+
 async def test_fork_does_not_print_twice(client: Client) -> None:
     """What was buffered before a fork is delivered once, by the parent."""
     code = (
