@@ -18,7 +18,7 @@ WORKDIR /app
 # Only what the package needs to install: pyproject.toml, README.md (the long description),
 # the server package, the child's script and package; `pip install .` brings the runtime
 # dependencies only (aiohttp, aiohttp-sse, aiohttp-cors, prometheus-client, cloudpickle,
-# redis), not the dev tools. The tests run
+# redis, orjson), not the dev tools. The tests run
 # the same command.
 COPY pyproject.toml README.md runner_child.py ./
 COPY replserver ./replserver

@@ -40,7 +40,7 @@ from _ast import Expr, Interactive
 
 import replchild as _PACKAGE
 from replchild import output, repl, wire
-from replchild.output import Output, TextWriter, install_flush_points
+from replchild.output import Output, TextWriter, install_flush_points, stdout_stream
 from replchild.repl import Repl
 from replchild.wire import (
     FLAG_INPUT,
@@ -86,7 +86,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 DEFAULT_MAX_RESULT = 100_000
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 256 * 1024  # bytes of a pipe read, and the payload of an output frame at most
+IOV_MAX = 1024  # buffers one writev takes (Linux's UIO_MAXIOV)
+BULK_PIPE_SIZE = 1024 * 1024  # the protocol pipe's size once output flows in bulk
 BURST_WINDOW_S = 0.002
 BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 # After the first print() into an empty buffer, the forwarder delivers what has gathered this
@@ -95,6 +97,7 @@ BULK_BYTES = 64 * 1024  # a forward this large means output is flowing in bulk
 FLUSH_DELAY_S = 0.001
 PyCF_ONLY_AST = 0x400  # compile() flag (ast.PyCF_ONLY_AST) without importing ast
 PR_SET_DUMPABLE = 4  # prctl option, from <linux/prctl.h>
+SMALL_WRITE = 4096
 
 NO_INPUT_MESSAGE = (
     "input() is not available in /execute or a protocol 1 stream:"
@@ -105,6 +108,7 @@ NO_INPUT_MESSAGE = (
 RUNNER_FILES = frozenset((__file__, output.__file__, repl.__file__, wire.__file__))
 
 _write_fd = os.write  # the real one: install_flush_points wraps os.write for user code
+_writev_fd = os.writev  # and os.writev
 
 
 class Runner:
@@ -168,6 +172,15 @@ class Runner:
         os.set_blocking(self.wake_w, False)
         self.output = Output(self.wake_w)
         self.output.flush = self.flush_output
+        import fcntl
+
+        self._ioctl = fcntl.ioctl
+        self._fionread = 0  # termios.FIONREAD, imported by the first delivery
+        self.pipe_grown = False  # see _grow_pipe
+        try:
+            self.pipe_size = fcntl.fcntl(proto_out, fcntl.F_GETPIPE_SZ)
+        except OSError:  # not a pipe: any write may block
+            self.pipe_size = 0
         self._install_std_fds()
         self.repl = Repl(
             self.module,
@@ -200,8 +213,8 @@ class Runner:
         # print() output is buffered and goes to the protocol pipe, not to fds 1 and 2: see
         # replchild/output.py for how it keeps its order with what is written to them.
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-        sys.stdout = TextWriter(self.output, T_STDOUT)
-        sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)  # as Python's
+        sys.stdout = self.stdout = stdout_stream(self.output)
+        sys.stderr = self.stderr = TextWriter(self.output)
         # sys.__stdout__ and friends are what code restores after redirecting: make them ours.
         sys.__dict__.update(__stdin__=sys.stdin, __stdout__=sys.stdout, __stderr__=sys.stderr)
         self.std_targets = [
@@ -225,16 +238,65 @@ class Runner:
         if _unusable(sys.stdin):
             sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
         if _unusable(sys.stdout):
-            sys.stdout = TextWriter(self.output, T_STDOUT)
+            sys.stdout = self.stdout = stdout_stream(self.output)
         if _unusable(sys.stderr):
-            sys.stderr = TextWriter(self.output, T_STDERR, line_buffering=True)
+            sys.stderr = self.stderr = TextWriter(self.output)
 
     # --- frames out -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = _write_fd(self.proto_out, view)
-            view = view[n:]
+        # A write the pipe has no room for waits until the server reads: print() calls are
+        # told to wait too meanwhile (Output.throttle), rather than buffer without bound. A
+        # small write of the main thread is not checked (it is the one printing, and the
+        # syscall would cost every execution's completion).
+        self._writev([data], len(data))
+
+    def _writev(self, pieces: list[bytes | memoryview], size: int) -> None:
+        """Write `pieces` (`size` bytes in all) in order, without joining them (see _write)."""
+        small = size <= SMALL_WRITE and _thread.get_ident() == self.main_thread
+        if size >= READ_CHUNK and not self.pipe_grown:
+            self._grow_pipe()
+        blocks = not small and size > self._pipe_room()
+        if blocks:
+            self.output.throttle(True)
+        try:
+            first = 0
+            while first < len(pieces):
+                batch = pieces[first : first + IOV_MAX]
+                written = _writev_fd(self.proto_out, batch)
+                for piece in batch:  # skip what went out; the rest of a piece stays
+                    if written < len(piece):
+                        pieces[first] = memoryview(piece)[written:]
+                        break
+                    written -= len(piece)
+                    first += 1
+        finally:
+            if blocks:
+                self.output.throttle(False)
+
+    def _grow_pipe(self) -> None:
+        """Output flows in bulk: a larger protocol pipe lets the server read it in fewer,
+        larger reads. Done at the first bulk delivery only, so that sessions that never
+        print much do not hold pipe memory (a user's pipes share one budget of pages)."""
+        import fcntl
+
+        self.pipe_grown = True  # tried, at least: not again
+        try:
+            self.pipe_size = fcntl.fcntl(self.proto_out, fcntl.F_SETPIPE_SZ, BULK_PIPE_SIZE)
+        except OSError:  # over the user's budget, or not a pipe: it keeps the size it has
+            pass
+
+    def _pipe_room(self) -> int:
+        """Bytes the protocol pipe takes now without blocking (its size less what it holds)."""
+        if not self._fionread:
+            from termios import FIONREAD
+
+            self._fionread = FIONREAD
+        queued = bytearray(4)
+        try:
+            self._ioctl(self.proto_out, self._fionread, queued)
+        except OSError:
+            return 0
+        return self.pipe_size - int.from_bytes(queued, sys.byteorder)
 
     def send(self, kind: int, payload: bytes) -> None:
         with self.lock:
@@ -276,17 +338,19 @@ class Runner:
                 try:
                     self._forward_available(check=True)
                     runs = self.output.take()
-                    data = [
-                        encode(kind, chunk[at : at + READ_CHUNK])
-                        for kind, chunk in (runs if self.executing else ())
-                        for at in range(0, len(chunk), READ_CHUNK)
-                    ]
+                    # Frames of at most READ_CHUNK bytes whose payloads are the buffered
+                    # pieces themselves: written with writev, never copied here.
+                    pieces: list[bytes | memoryview] = []
+                    size = 0
+                    for kind, chunks in runs if self.executing else ():
+                        size += _frame_pieces(pieces, kind, chunks)
                     if ending:
                         self.executing = False
                     if frame:
-                        data.append(frame)
-                    if data:
-                        self._write(b"".join(data))
+                        pieces.append(frame)
+                        size += len(frame)
+                    if pieces:
+                        self._writev(pieces, size)
                 finally:
                     self.lock_owner = 0
         finally:
@@ -298,7 +362,7 @@ class Runner:
     def _flush_replaced_streams(self) -> None:
         # Streams user code put in place of ours (a file opened on fd 1, say) write to the fds.
         for stream in (sys.stdout, sys.stderr):
-            if stream.__class__ is not TextWriter:
+            if stream is not self.stdout and stream is not self.stderr:
                 try:
                     stream.flush()
                 except BaseException:  # noqa: BLE001 - user may have replaced or closed it
@@ -368,11 +432,10 @@ class Runner:
                 except BlockingIOError:
                     pass
                 sleep(FLUSH_DELAY_S)  # what is printed meanwhile goes in the same frame
-                output.armed = False  # before the take: a write after it arms again
-                if output.parts:
-                    self.flush_output()  # the pipes' bytes first
-                    last = monotonic()
-                    continue
+                output.disarm()  # before the take: a write after it arms again
+                self.flush_output()  # the pipes' bytes first
+                last = monotonic()
+                continue
             if not piped:
                 continue
             # A write after a quiet spell goes out at once (no added latency); during a
@@ -708,6 +771,31 @@ class Runner:
         )
         # Not the warm-up's frame (count 0): the server's first frame is READY.
         self._deliver(frame if self.count else b"", ending=True)
+
+
+def _frame_pieces(pieces: list[bytes | memoryview], kind: int, chunks: list[bytes]) -> int:
+    """Append output frames of `kind` carrying `chunks` to `pieces` (a header, then the
+    payload's pieces, slices of the chunks where a frame ends inside one); bytes added."""
+    added = 0
+    body: list[bytes | memoryview] = []
+    size = 0
+    for chunk in chunks:
+        at, end = 0, len(chunk)
+        while at < end:
+            take = min(READ_CHUNK - size, end - at)
+            body.append(chunk if take == end else memoryview(chunk)[at : at + take])
+            size += take
+            at += take
+            if size == READ_CHUNK:
+                pieces.append(HEADER.pack(kind, size))
+                pieces.extend(body)
+                added += HEADER_SIZE + size
+                body, size = [], 0
+    if size:  # never an empty frame: the server refuses those
+        pieces.append(HEADER.pack(kind, size))
+        pieces.extend(body)
+        added += HEADER_SIZE + size
+    return added
 
 
 def _unusable(stream: object) -> bool:

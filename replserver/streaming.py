@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
@@ -40,6 +41,16 @@ _TEXT = (T_STDOUT, T_STDERR)
 PROTOCOL_OLD = 1
 PROTOCOL_RICH = 2
 PROTOCOLS = (PROTOCOL_OLD, PROTOCOL_RICH)
+
+
+def json_string(text: str) -> bytes:
+    """`text` as a JSON string, quotes included, byte for byte as json.dumps writes it
+    (ensure_ascii: what protocol 1's clients got from the old backend)."""
+    # orjson escapes ASCII exactly as json.dumps does, except DEL (U+007F), which json.dumps
+    # writes as \u007f; it writes other non-ASCII as UTF-8 where json.dumps escapes it.
+    if text.isascii() and "\x7f" not in text:
+        return orjson.dumps(text)
+    return json.dumps(text).encode()
 
 
 def _decoder() -> codecs.IncrementalDecoder:
@@ -139,7 +150,7 @@ class JsonText:
     def feed(self, data: bytes, *, final: bool = False) -> bytes:
         """The escaped text of `data` (without quotes): ASCII, as json.dumps writes it."""
         text = self._decoder.decode(data, final)
-        return json.dumps(text)[1:-1].encode() if text else b""
+        return json_string(text)[1:-1] if text else b""
 
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -246,6 +257,18 @@ async def _write_error(body: ReplyWriter, err: deque[bytes], notes: str) -> None
     await body.write(tail + b'"')
 
 
+# An SSE event ready to frame: its JSON object as byte pieces to join (a text event's escaped
+# content is the big piece, never copied into a string of its own), and its id.
+Event = tuple[tuple[bytes, ...], str]
+_TEXT_EVENT_HEAD = {
+    kind: f'{{"type": "{name}", "content": '.encode() for kind, name in EVENT_TYPE.items()
+}
+
+
+def _json(value: dict[str, Any]) -> tuple[bytes, ...]:
+    return (json.dumps(value).encode(),)
+
+
 class EventRenderer:
     """Log entries to SSE events (JSON text, id) for one client connection.
 
@@ -260,57 +283,55 @@ class EventRenderer:
         self._rich = protocol == PROTOCOL_RICH
         self._decoders = {T_STDOUT: _decoder(), T_STDERR: _decoder()}
 
-    def opening(self) -> list[tuple[str, str]]:
+    def opening(self) -> list[Event]:
         """The events a fresh stream starts with: a restart or restore notice, the
         execution's id."""
-        run, dumps = self._run, json.dumps
+        run = self._run
         events = []
         reason = run.restart_reason
         if reason is not None and self._rich:
-            events.append((dumps({"type": "restart", "reason": reason}), "0"))
+            events.append((_json({"type": "restart", "reason": reason}), "0"))
         elif reason is not None:
             notice = f"[the session was restarted ({reason}): earlier state is lost]\n"
-            events.append((dumps({"type": "error", "content": notice}), "0"))
+            events.append((_json({"type": "error", "content": notice}), "0"))
         restored = run.restored
         if restored is not None and self._rich:
-            events.append((dumps({"type": "restore", **restored}), "0"))
+            events.append((_json({"type": "restore", **restored}), "0"))
         elif restored is not None and (lost := restore_notice(restored)) is not None:
-            events.append((dumps({"type": "error", "content": lost}), "0"))
+            events.append((_json({"type": "error", "content": lost}), "0"))
         if self._rich:
             start = {"type": "start", "executionId": run.execution.id, "sessionId": run.session_id}
-            events.append((dumps(start), "0"))
+            events.append((_json(start), "0"))
         return events
 
-    def render(self, batch: list[Entry]) -> list[tuple[str, str]]:
-        dumps = json.dumps
-        events: list[tuple[str, str]] = []
+    def render(self, batch: list[Entry]) -> list[Event]:
+        events: list[Event] = []
         for seq, kind, data in merge(batch) if len(batch) > 1 else batch:
             if kind == T_END:
                 events.extend((event, str(seq)) for event in self._ending())
             elif kind in _TEXT:
                 text = self._decoders[kind].decode(data)
                 if text:
-                    event = {"type": EVENT_TYPE[kind], "content": text}
-                    events.append((dumps(event), str(seq)))
+                    # As json.dumps({"type": ..., "content": text}) writes it, byte for byte.
+                    events.append(((_TEXT_EVENT_HEAD[kind], json_string(text), b"}"), str(seq)))
             elif self._rich:
                 rich = gap_event(data) if kind == T_GAP else rich_event(kind, data)
                 if rich is not None:
-                    events.append((dumps(rich), str(seq)))
+                    events.append((_json(rich), str(seq)))
             elif kind == T_DISPLAY and (text := display_text(data)):
-                events.append((dumps({"type": "output", "content": text}), str(seq)))
+                events.append((_json({"type": "output", "content": text}), str(seq)))
         return events
 
-    def _ending(self) -> list[str]:
-        dumps = json.dumps
-        events = []
+    def _ending(self) -> list[tuple[bytes, ...]]:
+        events: list[tuple[bytes, ...]] = []
         for kind, decoder in self._decoders.items():
             tail = decoder.decode(b"", final=True)
             if tail:
-                events.append(dumps({"type": EVENT_TYPE[kind], "content": tail}))
+                events.append(_json({"type": EVENT_TYPE[kind], "content": tail}))
         message = server_text(self._run.execution, self._limit)
         if message:
-            events.append(dumps({"type": "error", "content": message}))
-        events.append(dumps({"type": "complete", **completion_fields(self._run)}))
+            events.append(_json({"type": "error", "content": message}))
+        events.append(_json({"type": "complete", **completion_fields(self._run)}))
         return events
 
 
@@ -328,19 +349,21 @@ def display_text(payload: bytes) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def frame(events: list[tuple[str, str]], *, protocol: int = PROTOCOL_RICH) -> bytes:
-    """SSE bytes for a batch of events, written at once.
+def frame(events: list[Event], *, protocol: int = PROTOCOL_RICH) -> bytes:
+    """SSE bytes for a batch of events, written at once (joined in one copy).
 
     Protocol 1 is `data: <json>` and a blank line per event, nothing else: the framing
     of the old backend, whose clients split the body on blank lines and parse what
     follows `data: `. Protocol 2 adds an `id:` line after `data:` (both orders are valid
     SSE; this one keeps working for clients that read each event's first line as its
-    data). The JSON is one line (json.dumps escapes newlines), so one `data:` field
-    carries it.
+    data). The JSON is one line (JSON escapes newlines), so one `data:` field carries it.
     """
-    if protocol == PROTOCOL_OLD:
-        return "".join(f"data: {data}\n\n" for data, _ in events).encode()
-    return "".join(f"data: {data}\nid: {event_id}\n\n" for data, event_id in events).encode()
+    parts: list[bytes] = []
+    for pieces, event_id in events:
+        parts.append(b"data: ")
+        parts.extend(pieces)
+        parts.append(b"\n\n" if protocol == PROTOCOL_OLD else f"\nid: {event_id}\n\n".encode())
+    return b"".join(parts)
 
 
 async def stream(

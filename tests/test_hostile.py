@@ -299,9 +299,14 @@ async def test_done_with_no_execution_running(guarded: Client) -> None:
 
 async def test_flood_written_everywhere(guarded: Client) -> None:
     # Frames written to the event pipe interleave with the runner's own (its big output
-    # frames are not atomic): the stream is garbage within a few frames.
+    # frames are not atomic): the stream is garbage within a few frames -- or, when the
+    # runner's writes find room in the pipe (it grows to 1 MiB once output flows in bulk)
+    # and so stay whole, valid until the time limit. Either way the caps and the limit hold.
     code = "chunk = frame(0x4F, b'x' * 1000) * 4\nwhile True:\n    forge(chunk)"
-    reply = await attack(guarded, "flood-everywhere", code, reasons=("timeout", "crashed"))
+    reply = await attack(
+        guarded, "flood-everywhere", code, reasons=("timeout", "crashed"), message=None
+    )
+    assert reply["reason"] == "timeout" or PROTOCOL_BROKEN in reply["error"], reply
     assert len(reply["output"]) <= GUARDS["max_output_bytes"]
 
 

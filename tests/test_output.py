@@ -8,13 +8,15 @@ real child processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 
-from .conftest import Client, execute, stream
+from .conftest import Client, MakeClient, execute, stream
 
 ROUTES = ("/execute", "/execute-stream")
 
@@ -125,6 +127,23 @@ async def test_interleaved_streams_keep_exact_order(client: Client) -> None:
 async def test_order_with_other_writers(client: Client, route: str, middle: str) -> None:
     code = f"import os, posix, subprocess, sys\nprint('a', end='')\nprint()\n{middle}\nprint('c')"
     out, err = await run(client, route, "around-" + route.strip("/"), code)
+    assert (out, err) == ("a\nb\nc\n", None)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_order_with_a_write_that_bypasses_the_python_level_one(
+    client: Client, route: str
+) -> None:
+    """The wrapper's own write, called directly (as a `write = sys.stdout.write` saved at
+    the wrong moment is): nothing arms a delayed flush, and the flush before os.write must
+    still find its text."""
+    code = (
+        "import io, os, sys\n"
+        "io.TextIOWrapper.write(sys.stdout, 'a\\n')\n"
+        "os.write(1, b'b\\n')\n"
+        "print('c')"
+    )
+    out, err = await run(client, route, "bypass-" + route.strip("/"), code)
     assert (out, err) == ("a\nb\nc\n", None)
 
 
@@ -251,6 +270,39 @@ async def test_a_signal_handler_that_prints_during_a_flush(client: Client) -> No
     assert body.count("tick") == ticks
     numbers = [line for line in body.replace("tick", "").splitlines() if line]
     assert numbers == [str(i) for i in range(60000)]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident size (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        / 1024
+    )
+
+
+async def test_a_client_that_stops_reading_holds_print_back(make_client: MakeClient) -> None:
+    """print() of 1 KB lines in a tight loop while the client stalls: the server stops
+    reading the child, and print() waits for the delivery it cannot make rather than
+    buffering the 15 MB. (Small writes run at C speed, with no check of their own: what
+    they buffer is bounded by time instead; see replchild/output.py.)"""
+    client = await make_client(stream_buffer_bytes=4096)
+    sid = "held-back"
+    pid = int((await execute(client, sid, "import os\nprint(os.getpid())"))["output"])
+    with contextlib.suppress(OSError):  # start the peak over where the kernel lets us
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = peak_rss_mib(pid)
+    code = "for i in range(15000):\n    print('y' * 999)\nprint('end')"  # within the cap
+    async with asyncio.timeout(60):
+        resp = await client.post(f"/execute-stream/{sid}", json={"code": code})
+        assert resp.status == 200
+        await resp.content.read(100)
+        await asyncio.sleep(0.5)  # a stalled client, long enough to print it all unchecked
+        events = [json.loads(block[6:]) for block in (await resp.read()).split(b"\n\n")[1:-1]]
+    assert events[-1]["type"] == "complete" and events[-1]["returnCode"] == 0
+    assert "".join(e["content"] for e in events if e["type"] == "output").endswith("y\nend\n")
+    grown = peak_rss_mib(pid) - before
+    assert grown < 8, f"the child's peak grew by {grown:.0f} MiB"
 
 
 # --- the stream objects ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 import runner_child
 from replchild import wire
-from replchild.output import Output
+from replchild.output import Output, TextWriter, stdout_stream
 from replserver import protocol
 from replserver.child import child_environment
 from replserver.settings import Settings
@@ -231,6 +231,7 @@ def finish_frame(return_code: int, reason: int, note: str, count: int) -> bytes:
         runner.main_thread = threading.get_ident()
         runner.deferring = runner.interrupted = runner.running = False
         runner.output = Output(proto_w)  # nothing is printed: the wake fd is never written
+        runner.stdout, runner.stderr = stdout_stream(runner.output), TextWriter(runner.output)
         runner.pending_fds = select.poll()
         runner.usage = runner_child.Usage()
         runner.usage.start()

@@ -280,6 +280,18 @@ def old_blocks(raw: bytes) -> list[dict[str, Any]]:
     return events
 
 
+async def test_every_ascii_character_is_escaped_as_json_dumps_escapes_it(client: Client) -> None:
+    """Protocol 1's output events are json.dumps's bytes for every ASCII character (DEL, the
+    one the fast escaper writes differently, included), and /execute's text decodes back."""
+    text = "".join(map(chr, range(128))) + "\n"
+    code = "import sys\nsys.stdout.write(''.join(map(chr, range(128))) + '\\n')"
+    resp = await client.post("/execute-stream/ascii", json={"code": code})
+    assert resp.status == 200
+    event = json.dumps({"type": "output", "content": text}).encode()
+    assert (await resp.read()).startswith(b"data: " + event + b"\n\n")
+    assert (await execute(client, "ascii", code))["output"] == text
+
+
 async def test_default_protocol_is_the_old_framing(client: Client) -> None:
     code = "import sys\nprint('héllo \"ü\"\\tend')\nsys.stderr.write('two\\n')\n40 + 2"
     for body in ({"code": code}, {"code": code, "protocol": 1}):
