@@ -192,11 +192,16 @@ class Isolation:
                     " a shared temporary directory can redirect another's writes (set it to 1)"
                 )
 
+    @property
+    def forks_children(self) -> bool:
+        """Whether children are forked from a fork server (else started by exec)."""
+        return self.bwrap is None and self._settings.fork_server and self._pidfds
+
     async def fork_server(self, env: dict[str, str]) -> ForkServer | None:
         """The fork server for children of the current interpreter, started with `env` if
         need be; None where children start by exec (bubblewrap, REPL_FORK_SERVER=0, or a
         fork server that cannot start here)."""
-        if self.bwrap is not None or not self._settings.fork_server or not self._pidfds:
+        if not self.forks_children:
             return None
         if self.separate_uids and closed_to_others(self.python):
             # A forked child would start, then fail to import anything as its uid; exec

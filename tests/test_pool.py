@@ -186,3 +186,29 @@ async def test_a_burst_of_new_sessions_all_get_answers(make_client: MakeClient) 
     )
     assert [r["output"] for r in replies] == [f"{i * 2}\n" for i in range(n)]
     assert all(r["error"] is None for r in replies)
+
+
+async def test_forked_starts_run_two_per_core_and_exec_starts_one(isolation: Isolation) -> None:
+    cores = len(os.sched_getaffinity(0))
+    forked = ChildPool(settings_for(pool_size=0), isolation=isolation)
+    assert isolation.forks_children and forked.parallel == 2 * cores
+    execd_isolation = Isolation(settings_for(fork_server=False))
+    try:
+        assert not execd_isolation.forks_children
+        assert ChildPool(settings_for(), isolation=execd_isolation).parallel == cores
+    finally:
+        await execd_isolation.close()
+    # Never more starts in flight than that, however many requests wait.
+    seen: list[int] = []
+    waiters = [asyncio.create_task(forked.acquire()) for _ in range(3 * forked.parallel)]
+    async with asyncio.timeout(DEADLINE_S):
+        while not all(w.done() for w in waiters):
+            seen.append(forked.starting)
+            await asyncio.sleep(0.001)
+    children = [w.result() for w in waiters]
+    try:
+        assert max(seen) == forked.parallel, seen
+    finally:
+        for child in children:
+            forked.discard(child, 0)
+        await forked.close()
