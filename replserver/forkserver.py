@@ -11,11 +11,13 @@ the same transport it gets from asyncio for a child started by exec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import marshal
 import os
 import select
+import signal
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -278,17 +280,24 @@ class ForkedProcess(asyncio.SubprocessTransport):
         """The transport over the server's ends of the child's pipes (it owns them now)."""
         loop = asyncio.get_running_loop()
         self = cls(protocol, pid, pidfd, status)
+        request = os.fdopen(request_w, "wb", buffering=0)
+        replies = os.fdopen(protocol_r, "rb", buffering=0)
+        stdin: asyncio.BaseTransport | None = None
         try:
-            stdin, _ = await loop.connect_write_pipe(
-                lambda: _PipeProtocol(self, 0), os.fdopen(request_w, "wb", buffering=0)
-            )
+            stdin, _ = await loop.connect_write_pipe(lambda: _PipeProtocol(self, 0), request)
+            stdout, _ = await loop.connect_read_pipe(lambda: _PipeProtocol(self, 1), replies)
         except BaseException:
-            os.close(protocol_r)
+            # Cancelled, say: a child nobody will watch must not run on, and its protocol
+            # hears nothing of it (it never had a transport).
+            self._finished = True
+            if stdin is not None:
+                stdin.close()
+            request.close()  # closing a file twice is harmless; its descriptor goes once
+            replies.close()
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
             raise
-        stdout, _ = await loop.connect_read_pipe(
-            lambda: _PipeProtocol(self, 1), os.fdopen(protocol_r, "rb", buffering=0)
-        )
         self._pipes = {0: stdin, 1: stdout}
         protocol.connection_made(self)
         loop.add_reader(pidfd, self._on_pidfd)
@@ -321,14 +330,14 @@ class ForkedProcess(asyncio.SubprocessTransport):
         for pipe in self._pipes.values():
             pipe.close()
 
-    def send_signal(self, signal: int) -> None:
-        os.kill(self._pid, signal)
+    def send_signal(self, sig: int) -> None:
+        os.kill(self._pid, sig)
 
     def terminate(self) -> None:
-        self.send_signal(15)
+        self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
     def _on_pidfd(self) -> None:
         asyncio.get_running_loop().remove_reader(self._pidfd)
@@ -349,6 +358,8 @@ class ForkedProcess(asyncio.SubprocessTransport):
         self._try_finish()
 
     def _pipe_lost(self, fd: int, exc: Exception | None) -> None:
+        if self._finished:
+            return
         self._lost.add(fd)
         self._protocol.pipe_connection_lost(fd, exc)
         self._try_finish()
