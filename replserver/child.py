@@ -155,12 +155,14 @@ class ChildProcess:
         child._leftover_fds = (out_r, err_r)
         try:
             transport = await child._start(home, fds)
-        except (OSError, subprocess.SubprocessError) as exc:
+        except BaseException as exc:  # cancelled too: nothing of the start may leak
             child._leftover_fds = ()
             os.close(out_r)
             os.close(err_r)
-            await child._release()
-            raise ChildStartError(f"could not start the Python process: {exc}") from exc
+            await asyncio.shield(child._release())
+            if isinstance(exc, (OSError, subprocess.SubprocessError)):
+                raise ChildStartError(f"could not start the Python process: {exc}") from exc
+            raise
         finally:
             os.close(out_w)
             os.close(err_w)

@@ -163,3 +163,48 @@ async def test_starts_wait_for_room_when_the_fork_servers_socket_is_full() -> No
     finally:
         await asyncio.gather(*(child.end(0) for child in children))
         await isolation.close()
+
+
+async def test_a_start_given_up_while_connecting_leaves_no_child() -> None:
+    settings = settings_for_test()
+    isolation = Isolation(settings)
+    loop = asyncio.get_running_loop()
+    connect = loop.connect_read_pipe
+    try:
+        forks = await isolation.fork_server(child_environment(settings, python=isolation.python))
+        assert forks is not None and forks._process is not None
+        server_pid = forks._process.pid
+
+        async def cancelled(*args: Any, **kwargs: Any) -> Any:
+            raise asyncio.CancelledError  # as if the request that wanted the child left
+
+        descriptors = len(os.listdir("/proc/self/fd"))
+        loop.connect_read_pipe = cancelled  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await ChildProcess.spawn(settings, isolation=isolation)
+        loop.connect_read_pipe = connect  # type: ignore[method-assign]
+        # None of its descriptors stays open here (the pipes' ends, the pidfd)...
+        assert len(os.listdir("/proc/self/fd")) <= descriptors
+        # ...and the child it forked ends, not left running with nobody to watch it.
+        deadline = time.monotonic() + DEADLINE_S
+        while children_of(server_pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert children_of(server_pid) == []
+    finally:
+        loop.connect_read_pipe = connect  # type: ignore[method-assign]
+        await isolation.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) children of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
