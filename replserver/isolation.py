@@ -194,8 +194,17 @@ class Isolation:
 
     @property
     def forks_children(self) -> bool:
-        """Whether children are forked from a fork server (else started by exec)."""
-        return self.bwrap is None and self._settings.fork_server and self._pidfds
+        """Whether children are forked from a fork server (else started by exec).
+
+        Only under a root server: the fork server is non-dumpable, and so is every child
+        it forks, from birth; a child that is not root then cannot open its own
+        /proc/self/clear_refs, which the per-execution peak memory needs. A root child
+        opens it before it takes its uid; one started by exec, before it turns
+        non-dumpable. Making the fork server dumpable instead would let every session of
+        the server's uid ptrace its way into the sessions forked after it."""
+        return (
+            self.root and self.bwrap is None and self._settings.fork_server and self._pidfds
+        )
 
     async def fork_server(self, env: dict[str, str]) -> ForkServer | None:
         """The fork server for children of the current interpreter, started with `env` if

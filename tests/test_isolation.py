@@ -603,3 +603,12 @@ async def test_session_directories_go_at_eviction_and_shutdown(make_client: Make
     assert second.is_dir()
     await client.close()  # the application's cleanup, as at shutdown
     assert not second.exists() and not second.parent.exists()
+
+
+async def test_peak_memory_is_per_execution(target: Target) -> None:
+    # Under a root server children are forked (and open their /proc files before taking
+    # their uid); under nobody they start by exec, for the same reason.
+    big = await target.run("peak", "a = bytearray(64 * 1024 * 1024)\ndel a")
+    small = await target.run("peak", "c = 1")
+    assert big["peakRssBytes"] > 64 * 1024 * 1024, big
+    assert 0 < small["peakRssBytes"] < big["peakRssBytes"], (small, big)
