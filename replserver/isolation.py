@@ -202,9 +202,7 @@ class Isolation:
         opens it before it takes its uid; one started by exec, before it turns
         non-dumpable. Making the fork server dumpable instead would let every session of
         the server's uid ptrace its way into the sessions forked after it."""
-        return (
-            self.root and self.bwrap is None and self._settings.fork_server and self._pidfds
-        )
+        return self.root and self.bwrap is None and self._settings.fork_server and self._pidfds
 
     async def fork_server(self, env: dict[str, str]) -> ForkServer | None:
         """The fork server for children of the current interpreter, started with `env` if
