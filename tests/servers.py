@@ -36,6 +36,21 @@ def pid_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def live_children(parent: int) -> list[int]:
+    """Pids of `parent`'s children that have not exited (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile (ENOENT, or ESRCH while read)
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[1]) == parent and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
 async def wait_gone(pids: list[int], within_s: float = 5.0) -> list[int]:
     """Poll until every pid is gone or `within_s` seconds pass; the pids still alive."""
     deadline = time.monotonic() + within_s

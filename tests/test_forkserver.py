@@ -187,24 +187,9 @@ async def test_a_start_given_up_while_connecting_leaves_no_child() -> None:
         assert len(os.listdir("/proc/self/fd")) <= descriptors
         # ...and the child it forked ends, not left running with nobody to watch it.
         deadline = time.monotonic() + DEADLINE_S
-        while children_of(server_pid) and time.monotonic() < deadline:
+        while servers.live_children(server_pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert children_of(server_pid) == []
+        assert servers.live_children(server_pid) == []
     finally:
         loop.connect_read_pipe = connect  # type: ignore[method-assign]
         await isolation.close()
-
-
-def children_of(pid: int) -> list[int]:
-    """Live (not zombie) children of `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found

@@ -15,6 +15,7 @@ from replserver.errors import ShuttingDown
 from replserver.isolation import Isolation
 from replserver.pool import ChildPool
 
+from . import servers
 from .conftest import MakeClient, execute
 from .conftest import test_settings as settings_for
 
@@ -33,23 +34,17 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 def live_children() -> set[int]:
     """Pids of the session children of this process that have not exited (zombies
     excluded): its own children, or its fork server's."""
-    parents: dict[int, int] = {}
-    servers = {os.getpid()}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # (A forked child keeps its fork server's command line.)
-            forks = b"forkserver" in (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-            if forks and int(fields[1]) == os.getpid():
-                servers.add(int(entry.name))
-    return {pid for pid, ppid in parents.items() if ppid in servers} - servers
+    mine = set(servers.live_children(os.getpid()))
+    # (A forked child keeps its fork server's command line: only ours are asked.)
+    forks = {pid for pid in mine if b"forkserver" in command_line(pid)}
+    return (mine - forks).union(*(servers.live_children(pid) for pid in forks))
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def alive(pid: int) -> bool:
