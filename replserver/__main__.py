@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import resource
+import signal
 import sys
 
 from aiohttp import web
@@ -17,6 +18,8 @@ from . import __version__
 from .app import create_app
 from .metrics import AccessLogger, JsonAccessLogger
 from .settings import ENV_VARS, Settings
+
+log = logging.getLogger("replserver")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve(settings)
     except RuntimeError as exc:  # start-up refused (REPL_REQUIRE_ISOLATION, no confinement)
-        logging.getLogger("replserver").error("%s", exc)
+        log.error("%s", exc)
         raise SystemExit(1) from None
 
 
@@ -68,10 +71,37 @@ async def _freeze_heap(app: web.Application) -> None:
     gc.freeze()
 
 
+async def _stop_once(app: web.Application) -> None:
+    """Shut down on the first SIGTERM or SIGINT; ignore the ones that follow.
+
+    aiohttp's own handler raises GracefulExit on every signal, and a second one makes
+    run_app cancel every task mid-shutdown: snapshot saves are cut short, and on Python
+    3.11 and 3.12 a child start cancelled while its pipes connect never finishes (its
+    exit waiters wait for a pipe task that was cancelled too), so the server never exits.
+    A second signal is not always somebody's: a child forked by Popen is in the server's
+    process group until its setsid(), and a group signal caught there reaches this
+    process a second time through the wakeup descriptor the fork copied."""
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop(sig: signal.Signals) -> None:
+        nonlocal stopping
+        if stopping:
+            log.info("%s while shutting down: ignored, the shutdown goes on", sig.name)
+            return
+        stopping = True
+        log.info("%s: shutting down", sig.name)
+        raise web.GracefulExit()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+
+
 def serve(settings: Settings) -> None:
     prepare_process()
     app = create_app(settings)
     app.on_startup.append(_freeze_heap)  # after create_app's own start-up work
+    app.on_startup.append(_stop_once)
     web.run_app(
         app,
         host=settings.host,
@@ -80,7 +110,8 @@ def serve(settings: Settings) -> None:
         # None: aiohttp makes no access logger, so a request pays for none of it.
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         shutdown_timeout=settings.shutdown_grace_s + 1,
-        print=lambda msg: logging.getLogger("replserver").info(
+        handle_signals=False,  # _stop_once instead
+        print=lambda msg: log.info(
             "replserver %s listening on http://%s:%s", __version__, settings.host, settings.port
         ),
     )

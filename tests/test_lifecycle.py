@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -117,6 +118,65 @@ async def test_sigterm_shuts_down_gracefully() -> None:
             assert alive == [], f"still running after the server stopped: {alive}"
     finally:
         kill_leftovers(pids)
+
+
+# Pickling `slow` takes 1.5 s: a shutdown's save of this session is under way that long.
+SLOW_TO_SAVE = (
+    "import time\n"
+    "class Slow:\n"
+    "    def __reduce__(self):\n"
+    "        time.sleep(1.5)\n"
+    "        return (int, (7,))\n"
+    "slow = Slow()\n"
+    "value = 42"
+)
+
+
+async def test_a_second_sigterm_does_not_cut_the_shutdown_short(tmp_path: Path) -> None:
+    """A SIGTERM during the shutdown is ignored: the shutdown's snapshot save finishes.
+    (aiohttp's own handler cancelled every task on a second signal: the save was lost, and
+    a child start caught in it kept the server from ever exiting.)"""
+    env: dict[str, Any] = {
+        "REPL_SNAPSHOT_STORE": str(tmp_path / "store"),
+        "REPL_SNAPSHOT_IDLE_S": "3600",  # only the shutdown saves
+        "REPL_REPLICA_ID": "one",
+    }
+    log = tmp_path / "server.log"
+    first = await servers.start(log=log, **env)
+    try:
+        await first.wait_ready()
+        url, code = f"{first.base}/execute/kept", {"code": SLOW_TO_SAVE}
+        async with aiohttp.ClientSession() as http, http.post(url, json=code) as r:
+            assert r.status == 200
+            assert (await r.json())["error"] is None
+        first.proc.send_signal(signal.SIGTERM)
+        # The shutdown closes the listening socket first, then saves the session. A new
+        # connection each time: a kept-alive one is served until after the saves.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as http, asyncio.timeout(10):
+            while True:
+                try:
+                    async with http.get(f"{first.base}/health") as r:
+                        await r.read()
+                except aiohttp.ClientConnectionError:
+                    break
+                await asyncio.sleep(0.01)
+        first.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.proc.wait(), 20) == 0, first.log_tail()
+    finally:
+        await first.kill()
+    second = await servers.start(log=log, **env)
+    try:
+        await second.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            code = {"code": "print(value, slow)"}
+            async with http.post(f"{second.base}/execute/kept", json=code) as r:
+                body = await r.json()
+        assert body["output"] == "42 7\n", (body, second.log_tail())
+        assert body["restored"]["reason"] == "shutdown", body
+    finally:
+        await second.stop()
+        await second.kill()
 
 
 async def test_app_cleanup_ends_children(make_client: MakeClient) -> None:
