@@ -172,7 +172,7 @@ class ChildProcess:
             if child._cgroup is not None:
                 # Before any user code: the child only forks once it runs an execution.
                 try:
-                    child._cgroup.add(child.pid)
+                    await child._cgroup.add(child.pid)
                 except OSError as exc:
                     raise ChildStartError(f"could not confine the Python process: {exc}") from exc
             async with asyncio.timeout(settings.spawn_timeout_s):
