@@ -16,7 +16,11 @@ against ours, then against the old one. The workloads of issue 11 (the default s
                session, from /proc/<pid>/smaps_rollup of their children
 
 and a summary of the issue's targets, met or not. The first round's scenarios stay
-available (`all` runs them too): first, throughput_1k, concurrent, memory_tree, scale.
+available (`all` runs them too): first, throughput_1k, concurrent, memory_tree, scale; and
+
+  neighbours   one session's `x = x + 1` loop while 30 new sessions arrive 100 ms apart:
+               p50/p99/p99.9 of the loop, and how many of its requests took over 5 ms
+               (what starting children costs the sessions already running)
 
 Output is verified (wrong output fails the scenario loudly, or counts as an error in
 `scale`). Tables per scenario go to stdout, a markdown summary at the end, everything
@@ -88,6 +92,12 @@ METRICS: dict[str, dict[str, tuple[str, str]]] = {
         "rss_per_session": ("MB", "lower"),
         "pss_per_session": ("MB", "lower"),
         "server_rss_per_session": ("MB", "lower"),
+    },
+    "neighbours": {
+        "p50": ("ms", "lower"),
+        "p99": ("ms", "lower"),
+        "p999": ("ms", "lower"),
+        "over_5ms": ("count", "lower"),
     },
     # The first round's scenarios.
     "first": {
@@ -595,6 +605,41 @@ async def through(t: Target, code: str, expected: str) -> Metrics:
     return {"execute": size_mb / exec_s, "stream": size_mb / stream_s}
 
 
+async def sc_neighbours(t: Target) -> Metrics:
+    """A warm session's `x = x + 1` loop while 30 new sessions arrive 100 ms apart, each
+    `print(1)`: what new sessions (the server starting children) cost the running ones."""
+    await quiet()
+    probe = new_sid()
+    await expect_output(t, probe, "x = 0", "")
+    times: list[float] = []
+    done = False
+
+    async def loop() -> None:
+        while not done:
+            t0 = time.perf_counter()
+            data = await execute(t, probe, "x = x + 1")
+            times.append((time.perf_counter() - t0) * 1000)
+            if data.get("error"):
+                raise BenchError(f"x = x + 1 failed: {data.get('error')!r}")
+
+    sids = [new_sid() for _ in range(30)]
+    running = asyncio.ensure_future(loop())
+    try:
+        for sid in sids:
+            await asyncio.sleep(0.1)
+            await expect_output(t, sid, "print(1)", "1\n")
+    finally:
+        done = True
+        await running
+    await forget(t, [probe, *sids])
+    return {
+        "p50": pct(times, 50),
+        "p99": pct(times, 99),
+        "p999": pct(times, 99.9),
+        "over_5ms": float(sum(1 for x in times if x > 5)),
+    }
+
+
 async def sc_concurrent(t: Target) -> Metrics:
     sids = [new_sid() for _ in range(16)]
     await asyncio.gather(*(expect_output(t, s, "x = 1", "") for s in sids))  # untimed warm-up
@@ -777,6 +822,7 @@ SCENARIOS: dict[str, Callable[[Target], Awaitable[Metrics]]] = {
     "throughput": sc_throughput,
     "concurrency": sc_concurrency,
     "memory": sc_memory,
+    "neighbours": sc_neighbours,
     "first": sc_first,
     "throughput_1k": sc_throughput_1k,
     "concurrent": sc_concurrent,
